@@ -1,0 +1,7 @@
+"""``python -m aggregator`` is ``fedmqtt aggregator``."""
+
+import sys
+
+from edge_agent.cli import main
+
+sys.exit(main(["aggregator", *sys.argv[1:]]))

@@ -1,0 +1,84 @@
+"""Atomic checkpoints of the aggregator's state, and the plain model ``.npz``.
+
+A checkpoint is one ``.npz`` (numpy's zip of arrays, read back with
+``allow_pickle=False``): every parameter as ``param/<name>`` and the rest of
+the state as JSON in a ``meta`` byte array. It is written to a temporary
+file, fsynced, renamed over the old one and the directory fsynced, so a
+crash at any instant leaves either the old checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+CHECKPOINT_NAME = "checkpoint.npz"
+FORMAT = "fedmqtt-checkpoint-1"
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def save(state_dir: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write the coordinator snapshot atomically into ``state_dir``; return the path."""
+    meta = {k: v for k, v in state.items() if k != "params"}
+    meta["format"] = FORMAT
+    meta["param_names"] = list(state["params"])
+    arrays = {f"param/{k}": np.asarray(v) for k, v in state["params"].items()}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path = Path(state_dir) / CHECKPOINT_NAME
+    atomic_write(path, _npz_bytes(arrays))
+    return path
+
+
+def load(state_dir: str | Path) -> dict[str, Any] | None:
+    """The last checkpoint in ``state_dir``, or None when there is none."""
+    path = Path(state_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(bytes(f["meta"]).decode())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file")
+        meta["params"] = {k: f[f"param/{k}"] for k in meta.pop("param_names")}
+    return meta
+
+
+def save_model(path: str | Path, spec: Mapping[str, Any], params: Mapping[str, np.ndarray], **info: Any) -> None:
+    """Write a global model as a plain ``.npz``: its arrays plus ``spec`` and ``info`` as JSON."""
+    arrays = {k: np.asarray(v) for k, v in params.items()}
+    arrays["spec"] = np.frombuffer(json.dumps({"spec": dict(spec), **info}).encode(), dtype=np.uint8)
+    atomic_write(path, _npz_bytes(arrays))

@@ -1,0 +1,141 @@
+"""``fedmqtt demo``, ``fedmqtt aggregator`` and ``fedmqtt sim``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edge_agent.cli import setup_logging, stop_on_signals
+from edge_agent.config import BrokerConfig, add_flags, flag_overrides, load, parse_hostport
+from edge_agent.data import DataError
+from edge_agent.mqtt import Loop
+
+from .broker import BrokerError
+from .config import AggregatorConfig
+from .datasets import DATASETS, federated_digits, federated_synthetic
+from .partition import PARTITIONS, PartitionError
+
+log = logging.getLogger(__name__)
+
+
+def main(command: str, argv: list[str]) -> int:
+    """Run one aggregator-side subcommand; user errors become one line and exit code 2."""
+    try:
+        return {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main}[command](argv)
+    except (BrokerError, DataError, PartitionError) as exc:
+        sys.stderr.write(f"fedmqtt {command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"fedmqtt {command}: interrupted\n")
+        return 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def demo_main(argv: list[str]) -> int:
+    """``fedmqtt demo``."""
+    from .demo import DemoOptions, run_demo
+
+    d = DemoOptions()
+    p = argparse.ArgumentParser(prog="fedmqtt demo", description="Run a whole federation on this machine.")
+    p.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of a private mosquitto")
+    p.add_argument("--model", choices=("softmax", "mlp"), default=d.model)
+    p.add_argument("--hidden", default="64", help="mlp hidden layer sizes, comma-separated (default 64)")
+    p.add_argument("--agents", type=_positive_int, default=d.agents)
+    p.add_argument("--rounds", type=_positive_int, default=d.rounds)
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="local epochs per round")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=_positive_float, default=d.lr)
+    p.add_argument("--partition", choices=PARTITIONS, default=d.partition)
+    p.add_argument("--alpha", type=_positive_float, default=d.alpha, help="Dirichlet concentration")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="output directory (default ./fedmqtt-out)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    a = p.parse_args(argv)
+    setup_logging(a.verbose)
+    try:
+        hidden = [int(h) for h in a.hidden.split(",") if h.strip()]
+    except ValueError:
+        p.error(f"--hidden: expected comma-separated integers, got {a.hidden!r}")
+    opts = DemoOptions(
+        model=a.model, hidden=hidden, agents=a.agents, rounds=a.rounds, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, partition=a.partition, alpha=a.alpha, seed=a.seed,
+        out=a.out, broker=a.broker,
+    )
+    run_demo(opts)
+    return 0
+
+
+def aggregator_main(argv: list[str]) -> int:
+    """``fedmqtt aggregator``: the service, in the foreground (systemd runs exactly this)."""
+    from .service import AggregatorService
+
+    p = argparse.ArgumentParser(prog="fedmqtt aggregator", description="Run the aggregator service.")
+    p.add_argument("--config", help="aggregator.toml (see deploy/aggregator.toml)")
+    p.add_argument("--broker", metavar="HOST:PORT", help="shorthand for --broker-host and --broker-port")
+    p.add_argument("-v", "--verbose", action="count", default=1)
+    add_flags(p, AggregatorConfig)
+    a = p.parse_args(argv)
+    setup_logging(a.verbose)
+    overrides = flag_overrides(a)
+    if a.broker:
+        host, port = parse_hostport(a.broker)
+        overrides.update({"broker.host": host, "broker.port": str(port)})
+    cfg = load(AggregatorConfig, a.config, overrides)
+    loop = Loop()
+    service = AggregatorService(cfg, loop, on_finished=lambda r: loop.stop())
+    service.start()
+    stop_on_signals(loop.stop)
+    log.info("aggregator for federation %s on %s:%d, state in %s",
+             cfg.federation, cfg.broker.host, cfg.broker.port, cfg.state_dir)
+    loop.run()
+    return 0
+
+
+def sim_main(argv: list[str]) -> int:
+    """``fedmqtt sim``: N simulated agents, one thread, against a running broker."""
+    from .sim import Simulation
+
+    p = argparse.ArgumentParser(prog="fedmqtt sim", description="Run N simulated agents in one process.")
+    p.add_argument("--broker", metavar="HOST:PORT", default="127.0.0.1:1883")
+    p.add_argument("--federation", "--fed", default="demo")
+    p.add_argument("--agents", type=_positive_int, default=10)
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
+    p.add_argument("--partition", choices=PARTITIONS, default="dirichlet", help="digits only")
+    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet α (digits) or Synthetic α")
+    p.add_argument("--beta", type=float, default=0.5, help="Synthetic β")
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction each agent holds out for evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exit-when-done", action="store_true", help="exit when the federation finishes")
+    p.add_argument("-v", "--verbose", action="count", default=1)
+    a = p.parse_args(argv)
+    setup_logging(a.verbose)
+    host, port = parse_hostport(a.broker)
+    if a.dataset == "digits":
+        data = federated_digits(a.agents, a.partition, a.alpha, a.seed, a.holdout)
+    else:
+        data = federated_synthetic(a.agents, a.alpha, a.beta, a.seed)
+    sim = Simulation(BrokerConfig(host=host, port=port), a.federation, data.agents, seed=a.seed, loop=Loop())
+    stop_on_signals(sim.loop.stop)
+    sim.start()
+    try:
+        while sim.loop.thread is not None and sim.loop.thread.is_alive():
+            if a.exit_when_done and sim.finished.wait(0.5):
+                break
+            sim.loop.thread.join(0.5)
+    finally:
+        sim.stop()
+    return 0

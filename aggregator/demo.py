@@ -1,0 +1,237 @@
+"""``fedmqtt demo``: a whole federation on this machine, with a report a person can read.
+
+A private mosquitto (unless ``--broker``), the aggregator service and N
+simulated agents, each a real MQTT client, train on digits split across the
+agents. Every round prints one line; the end prints the final accuracy next
+to a centralized baseline, and writes the model, metrics.csv and
+accuracy.png. This module is the command's front end, so it writes to the
+stream it is given; the library code underneath only logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import queue
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from edge_agent.config import BrokerConfig
+from edge_agent.models import Model
+from edge_agent.mqtt import Loop
+from edge_agent.training import train_local
+from edge_agent.wire import TrainConfig
+
+from . import checkpoint
+from .broker import LocalBroker
+from .config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
+from .coordinator import RoundClosed, RoundSummary
+from .datasets import federated_digits
+from .service import AggregatorService
+from .sim import Simulation
+
+# The demo's rounds take milliseconds; a round that is still open after this
+# long means agents died, and the demo should say so rather than hang.
+ROUND_TIMEOUT_S = 30.0
+# Centralized baseline: the same SGD on the pooled data, for as many epochs
+# as one agent trains over the whole federation (rounds x local epochs).
+BASELINE_SEED = 0
+
+
+@dataclass
+class DemoOptions:
+    """Everything ``fedmqtt demo`` can be told."""
+
+    model: str = "softmax"
+    hidden: list[int] = field(default_factory=lambda: [64])
+    agents: int = 10
+    rounds: int = 20
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.1
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    out: str = "fedmqtt-out"
+    broker: str | None = None
+    federation: str = "demo"
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced."""
+
+    rounds: list[RoundSummary]
+    final_accuracy: float
+    baseline_accuracy: float
+    seconds: float
+    out: Path
+
+
+def centralized_baseline(opts: DemoOptions, X: np.ndarray, y: np.ndarray, X_te: np.ndarray, y_te: np.ndarray) -> float:
+    """Test accuracy of the same model trained on the pooled training data."""
+    model = Model(_model_config(opts).spec())
+    params = model.init_params(opts.seed)
+    cfg = TrainConfig(epochs=opts.rounds * opts.epochs, batch_size=opts.batch_size, lr=opts.lr)
+    params, _ = train_local(model, params, X, y, cfg, BASELINE_SEED)
+    return model.evaluate(params, X_te, y_te)["accuracy"]
+
+
+def _model_config(opts: DemoOptions) -> ModelConfig:
+    hidden = list(opts.hidden) if opts.model == "mlp" else []
+    return ModelConfig(kind=opts.model, n_features=64, n_outputs=10, hidden=hidden, seed=opts.seed)
+
+
+def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
+    """Run the demo end to end; raises on failure after stopping everything it started."""
+    t0 = time.monotonic()
+    data = federated_digits(opts.agents, opts.partition, opts.alpha, opts.seed)
+    sizes = [a.num_samples for a in data.agents]
+    out.write(
+        f"digits: {sum(sizes)} training samples over {opts.agents} agents "
+        f"({opts.partition}{f' alpha={opts.alpha}' if opts.partition == 'dirichlet' else ''}; "
+        f"smallest {min(sizes)}, largest {max(sizes)}), {len(data.y_test)} central test samples\n"
+    )
+    baseline = centralized_baseline(opts, data.X_train_pooled, data.y_train_pooled, data.X_test, data.y_test)
+
+    broker: LocalBroker | None = None
+    loops: list[Loop] = []
+    sim: Simulation | None = None
+    events: queue.Queue = queue.Queue()
+    with tempfile.TemporaryDirectory(prefix="fedmqtt-demo-state-") as state_dir:
+        try:
+            if opts.broker:
+                from edge_agent.config import parse_hostport
+
+                host, port = parse_hostport(opts.broker)
+            else:
+                broker = LocalBroker().start()
+                host, port = broker.host, broker.port
+                out.write(f"broker: private mosquitto on {broker.address}\n")
+            bcfg = BrokerConfig(host=host, port=port)
+            config = AggregatorConfig(
+                federation=opts.federation,
+                rounds=opts.rounds,
+                state_dir=state_dir,
+                model=_model_config(opts),
+                training=TrainingConfig(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr),
+                round=RoundConfig(min_agents=opts.agents, quorum=1, timeout=ROUND_TIMEOUT_S, seed=opts.seed),
+                broker=bcfg,
+            )
+            model = Model(config.model.spec())
+            agg_loop = Loop()
+            loops.append(agg_loop)
+            service = AggregatorService(
+                config,
+                agg_loop,
+                evaluate=lambda p: model.evaluate(p, data.X_test, data.y_test),
+                on_round=lambda a: events.put(a),
+                on_finished=lambda r: events.put(("finished", r)),
+            )
+            service.start()
+            agg_loop.start(name="fedmqtt-aggregator")
+            sim = Simulation(bcfg, opts.federation, data.agents, seed=opts.seed)
+            loops.append(sim.loop)
+            sim.start()
+            summaries = _follow(events, opts.rounds, out)
+            final = service.coordinator.params
+        finally:
+            if sim is not None:
+                sim.stop()
+            for lp in loops:
+                lp.stop()
+                if lp.thread is not None:
+                    lp.thread.join(timeout=10)
+            if broker is not None:
+                broker.close()
+
+    result = DemoResult(
+        rounds=summaries,
+        final_accuracy=summaries[-1].metrics["test_accuracy"],
+        baseline_accuracy=baseline,
+        seconds=time.monotonic() - t0,
+        out=Path(opts.out),
+    )
+    write_outputs(result, config, final)
+    out.write(
+        f"\nfinal global accuracy {result.final_accuracy:.4f}  |  centralized baseline {baseline:.4f}  "
+        f"|  {result.seconds:.1f}s\noutput: {result.out.resolve()}/ (model.npz, metrics.csv, accuracy.png)\n"
+    )
+    return result
+
+
+def _follow(events: queue.Queue, rounds: int, out: TextIO) -> list[RoundSummary]:
+    """Print one line per closed round until the federation finishes."""
+    summaries: list[RoundSummary] = []
+    tty = out.isatty()
+    while True:
+        try:
+            ev = events.get(timeout=ROUND_TIMEOUT_S * 2)
+        except queue.Empty:
+            raise RuntimeError(
+                f"no round closed in {ROUND_TIMEOUT_S * 2:.0f}s after round {len(summaries)}; the agents stalled"
+            ) from None
+        if isinstance(ev, RoundClosed):
+            s = ev.summary
+            summaries.append(s)
+            bar = _bar(s.round, rounds)
+            line = (
+                f"round {s.round:3d}/{rounds}  participants {s.participants:3d}  "
+                f"accuracy {s.metrics.get('test_accuracy', float('nan')):.4f}  {s.seconds:6.2f}s"
+            )
+            out.write(f"\r{' ' * 40}\r{line}\n{bar}" if tty else f"{line}\n")
+            out.flush()
+        elif isinstance(ev, tuple) and ev[0] == "finished":
+            if tty:
+                out.write("\n")
+            return summaries
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / max(total, 1))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def write_outputs(result: DemoResult, config: AggregatorConfig, params: dict[str, np.ndarray]) -> None:
+    """model.npz, metrics.csv and accuracy.png in the output directory."""
+    out = result.out
+    out.mkdir(parents=True, exist_ok=True)
+    last = result.rounds[-1]
+    checkpoint.save_model(
+        out / "model.npz", config.model.spec().to_wire(), params,
+        federation=config.federation, round=last.round, version=last.version,
+    )
+    names = sorted({k for s in result.rounds for k in s.metrics})
+    with (out / "metrics.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["round", "participants", "selected", "seconds", "version", *names])
+        for s in result.rounds:
+            w.writerow([s.round, s.participants, s.selected, f"{s.seconds:.4f}", s.version,
+                        *(f"{s.metrics[n]:.6f}" if n in s.metrics else "" for n in names)])
+    plot_accuracy(out / "accuracy.png", result)
+
+
+def plot_accuracy(path: Path, result: DemoResult) -> None:
+    """Accuracy per round, with the centralized baseline as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    xs = [s.round for s in result.rounds]
+    ax.plot(xs, [s.metrics["test_accuracy"] for s in result.rounds], marker="o", label="federated (FedAvg)")
+    ax.axhline(result.baseline_accuracy, color="gray", linestyle="--", label="centralized baseline")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("fedmqtt demo: digits")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""The aggregator service: the round coordinator over a real MQTT connection.
+
+Thin by design: paho messages become :meth:`Coordinator.receive` calls, a
+periodic timer becomes :meth:`Coordinator.tick`, and the returned actions are
+carried out in order (checkpoint first, then publishes). All of it runs on
+one :class:`~edge_agent.mqtt.Loop` thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from edge_agent.data import load as load_data
+from edge_agent.models import Model
+from edge_agent.mqtt import Connection, Loop, Publish
+
+from . import checkpoint
+from .config import AggregatorConfig
+from .coordinator import (
+    Action,
+    Coordinator,
+    Evaluator,
+    Finished,
+    RoundAbandoned,
+    RoundClosed,
+    SaveCheckpoint,
+)
+from .strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+# How often deadlines are checked. Deadlines are seconds to minutes long;
+# a quarter second keeps the overshoot small without busy work.
+TICK_INTERVAL_S = 0.25
+
+
+class AggregatorService:
+    """Runs one federation's coordinator on a Loop."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        loop: Loop,
+        evaluate: Evaluator | None = None,
+        on_round: Callable[[RoundClosed], None] | None = None,
+        on_finished: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.clock = clock
+        self.on_round = on_round
+        self.on_finished = on_finished
+        if evaluate is None and config.test_data:
+            evaluate = central_evaluator(config)
+        state = checkpoint.load(config.state_dir)
+        if state is not None:
+            log.info("resuming from %s at round %d", Path(config.state_dir) / checkpoint.CHECKPOINT_NAME, state["round"])
+        self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state)
+        self.conn = Connection(loop, config.broker, client_id=f"fedmqtt-aggregator-{config.federation}", handler=self)
+        self._started = False
+
+    def start(self) -> None:
+        """Connect (from the loop thread or before the loop runs)."""
+        self.conn.open()
+        self.loop.call_every(TICK_INTERVAL_S, lambda: self._execute(self.coordinator.tick(self.clock())))
+
+    # Handler protocol
+    def subscriptions(self) -> list[str]:
+        t = self.coordinator.topics
+        return [t.statuses, t.updates]
+
+    def on_connected(self, conn: Connection) -> None:
+        if not self._started:
+            self._started = True
+            self._execute(self.coordinator.start(self.clock()))
+        else:
+            # After a reconnect, make sure the retained model is current (a
+            # broker restart without persistence forgets retained messages).
+            self._execute([self.coordinator.model_publish()])
+
+    def on_message(self, conn: Connection, topic: str, payload: bytes) -> None:
+        self._execute(self.coordinator.receive(topic, payload, self.clock()))
+
+    def _execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SaveCheckpoint):
+                checkpoint.save(self.config.state_dir, a.state)
+            elif isinstance(a, Publish):
+                self.conn.publish(a)
+            elif isinstance(a, RoundClosed):
+                if self.on_round is not None:
+                    self.on_round(a)
+            elif isinstance(a, RoundAbandoned):
+                log.warning("round %d attempt %d abandoned (%d/%d updates)", a.round, a.attempt, a.received, a.quorum)
+            elif isinstance(a, Finished):
+                log.info("federation %s finished after round %d", self.config.federation, a.round)
+                if self.on_finished is not None:
+                    self.on_finished(a.round)
+
+
+def central_evaluator(config: AggregatorConfig) -> Evaluator:
+    """Evaluate every new global model on the configured central test set."""
+    X, y = load_data(config.test_data, config.label_column)
+    model = Model(config.model.spec())
+    return lambda params: model.evaluate(params, X, y)

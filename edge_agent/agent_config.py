@@ -1,0 +1,34 @@
+"""Agent configuration (``fedmqtt agent --config agent.toml``); see deploy/agent.toml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import BrokerConfig
+from .wire import valid_id
+
+
+@dataclass
+class AgentConfig:
+    """Everything one edge agent needs."""
+
+    federation: str = field(default="demo", metadata={"help": "federation id"})
+    agent_id: str = field(default="", metadata={"help": "this device's id ([A-Za-z0-9_-]{1,64})"})
+    data: str = field(default="", metadata={"help": "local data: .npz with X and y, or .csv"})
+    label_column: str = field(default="label", metadata={"help": "label column of a .csv file"})
+    holdout: float = field(default=0.2, metadata={"help": "fraction held out to evaluate the global model"})
+    seed: int = field(default=0, metadata={"help": "seed of local shuffling and the holdout split"})
+    exit_when_done: bool = field(default=False, metadata={"help": "exit when the federation says it is done"})
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not valid_id(self.federation):
+            out.append(("federation", f"must match [A-Za-z0-9_-]{{1,64}}, got {self.federation!r}"))
+        if not valid_id(self.agent_id):
+            out.append(("agent_id", f"must be set and match [A-Za-z0-9_-]{{1,64}}, got {self.agent_id!r}"))
+        if not self.data:
+            out.append(("data", "must name the local data file (.npz or .csv)"))
+        if not 0.0 <= self.holdout < 1.0:
+            out.append(("holdout", f"must be in [0, 1), got {self.holdout}"))
+        return out

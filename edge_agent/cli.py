@@ -1,0 +1,103 @@
+"""The ``fedmqtt`` command.
+
+``fedmqtt agent`` is served from this package alone, so a device never
+imports the aggregator or its extras; the other subcommands are handed to
+:mod:`aggregator.cli`, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from . import __version__
+from .config import ConfigError
+
+USAGE = """usage: fedmqtt {demo,aggregator,agent,sim} ...
+
+  demo        run a whole federation on this machine (private broker, aggregator, 10 agents)
+  aggregator  run the aggregator service (--config aggregator.toml)
+  agent       run one edge agent (--config agent.toml)
+  sim         run N simulated agents in one process against a broker
+
+`fedmqtt COMMAND --help` for the options of each.
+"""
+
+AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim")
+
+
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr; -v for info, -vv for debug."""
+    level = logging.WARNING - 10 * verbosity
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def stop_on_signals(stop) -> None:
+    """Call ``stop()`` on SIGTERM and SIGINT (systemd stop, Ctrl-C)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedmqtt`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if argv[0] == "--version":
+        sys.stdout.write(f"fedmqtt {__version__}\n")
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "agent":
+            return agent_main(rest)
+        if command in AGGREGATOR_COMMANDS:
+            from aggregator.cli import main as aggregator_cli
+
+            return aggregator_cli(command, rest)
+    except ConfigError as exc:
+        sys.stderr.write(f"fedmqtt {command}: config error: {exc}\n")
+        return 2
+    sys.stderr.write(f"fedmqtt: unknown command {command!r}\n{USAGE}")
+    return 2
+
+
+def agent_main(argv: list[str]) -> int:
+    """``fedmqtt agent``: one device."""
+    from .agent import AgentCore, AgentRunner
+    from .agent_config import AgentConfig
+    from .config import add_flags, flag_overrides, load, parse_hostport
+    from .data import DataError, load as load_data, split_holdout
+    from .mqtt import Loop
+
+    p = argparse.ArgumentParser(prog="fedmqtt agent", description="Run one edge agent.")
+    p.add_argument("--config", help="agent.toml (see deploy/agent.toml)")
+    p.add_argument("--broker", metavar="HOST:PORT", help="shorthand for --broker-host and --broker-port")
+    p.add_argument("-v", "--verbose", action="count", default=1)
+    add_flags(p, AgentConfig)
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    overrides = flag_overrides(args)
+    if args.broker:
+        host, port = parse_hostport(args.broker)
+        overrides.update({"broker.host": host, "broker.port": str(port)})
+    cfg = load(AgentConfig, args.config, overrides)
+    try:
+        X, y = load_data(cfg.data, cfg.label_column)
+    except DataError as exc:
+        sys.stderr.write(f"fedmqtt agent: data error: {exc}\n")
+        return 2
+    data = split_holdout(X, y, cfg.holdout, cfg.seed)
+    loop = Loop()
+    core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed)
+    runner = AgentRunner(loop, core, cfg.broker, on_done=(lambda _: loop.stop()) if cfg.exit_when_done else None)
+    runner.start()
+    stop_on_signals(loop.stop)
+    logging.getLogger("fedmqtt.agent").info(
+        "agent %s: %d training and %d holdout samples, broker %s:%d",
+        cfg.agent_id, data.num_samples, len(data.X_holdout), cfg.broker.host, cfg.broker.port,
+    )
+    loop.run()
+    return 0

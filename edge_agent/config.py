@@ -1,0 +1,206 @@
+"""The one config loader: TOML files into dataclasses, every key overridable by a flag.
+
+A config class is a dataclass whose fields are scalars (str, int, float,
+bool), lists of ints or strings, or nested dataclasses (TOML tables). Each
+leaf key ``section.key`` becomes a flag ``--section-key``. Unknown keys,
+wrong types and invalid values raise :class:`ConfigError` with a message
+that names the key, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file, the key and the problem."""
+
+
+@dataclass
+class BrokerConfig:
+    """Where the MQTT broker is and how to log in."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "broker host name or address"})
+    port: int = field(default=1883, metadata={"help": "broker TCP port"})
+    keepalive: int = field(default=30, metadata={"help": "MQTT keepalive in seconds"})
+    username: str = field(default="", metadata={"help": "MQTT user name (empty: anonymous)"})
+    password: str = field(default="", metadata={"help": "MQTT password"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.host:
+            out.append(("host", "must not be empty"))
+        if not 1 <= self.port <= 65535:
+            out.append(("port", f"must be in 1..65535, got {self.port}"))
+        if not 5 <= self.keepalive <= 3600:
+            out.append(("keepalive", f"must be in 5..3600 seconds, got {self.keepalive}"))
+        return out
+
+
+def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, type, dataclasses.Field]]:
+    """Every leaf key of a config class as (dotted key, type, field)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(typ):
+            out.extend(leaf_fields(typ, key + "."))
+        else:
+            out.append((key, typ, f))
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build ``cls`` from a parsed TOML mapping, checking every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}' (known keys: {', '.join(sorted(names))})")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        typ = hints[f.name]
+        value = data[f.name]
+        key = f"{where}.{f.name}" if where != "config" else f.name
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = from_dict(typ, value, key)
+        else:
+            kwargs[f.name] = _check_type(key, typ, value)
+    obj = cls(**kwargs)
+    check(obj, where)
+    return obj
+
+
+def check(obj: Any, where: str = "config") -> None:
+    """Run ``problems()`` of ``obj`` and of its nested sections; raise on the first."""
+    if hasattr(obj, "problems"):
+        for key, problem in obj.problems():
+            name = key if where == "config" else f"{where}.{key}"
+            raise ConfigError(f"{name}: {problem}")
+    for f in dataclasses.fields(obj):
+        sub = getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub):
+            check(sub, f.name if where == "config" else f"{where}.{f.name}")
+
+
+def _check_type(key: str, typ: Any, value: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(typ)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        items = [_check_type(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {typ}")  # a bug in a config class, not in the file
+
+
+def _parse_flag(key: str, typ: Any, text: str) -> Any:
+    """Turn a flag's text into the TOML value it stands for."""
+    origin = typing.get_origin(typ)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(typ)[:1]
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return [_parse_flag(key, item, p) for p in parts]
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{key.replace('.', '-').replace('_', '-')}: cannot read {text!r} as {typ.__name__}") from None
+    return text
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--section-key`` for every leaf key of ``cls``."""
+    group = parser.add_argument_group("config keys (override the file)")
+    for key, typ, f in leaf_fields(cls):
+        flag = "--" + key.replace(".", "-").replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        group.add_argument(flag, dest="cfg:" + key, metavar=_metavar(typ), default=None, help=help_text)
+
+
+def _metavar(typ: Any) -> str:
+    origin = typing.get_origin(typ)
+    if origin in (list, tuple):
+        return "A,B,..."
+    return {int: "INT", float: "NUM", bool: "BOOL", str: "TEXT"}.get(typ, "VALUE")
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The config keys given as flags, as {dotted key: text}."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+
+
+def load(cls: type[T], path: str | Path | None, overrides: dict[str, str] | None = None) -> T:
+    """Load ``cls`` from a TOML file (or defaults when ``path`` is None) plus flag overrides."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    types = {key: typ for key, typ, _ in leaf_fields(cls)}
+    for key, text in (overrides or {}).items():
+        if key not in types:
+            raise ConfigError(f"unknown config key {key!r}")
+        *sections, leaf = key.split(".")
+        node = data
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[leaf] = _parse_flag(key, types[key], text)
+    try:
+        return from_dict(cls, data, where)
+    except ConfigError as exc:
+        if path:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` to a tuple; raises ConfigError naming the flag's problem."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--broker: expected HOST:PORT, got {text!r}")
+    return host, int(port)

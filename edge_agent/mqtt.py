@@ -1,0 +1,328 @@
+"""The MQTT adapter: one selector thread drives any number of paho clients.
+
+This is the only module that touches sockets. A :class:`Loop` runs in one
+thread and owns every paho client registered with it, using paho's
+socket-level API (``loop_read``/``loop_write``/``loop_misc``) the way paho's
+own ``loop_select`` example does, so a simulation of 100 agents costs one
+thread, not 100. A :class:`Connection` is one client: it subscribes in
+``on_connect`` (subscriptions are not restored on reconnect), reconnects with
+exponential backoff, and hands every message to its handler. Exceptions in
+handlers are caught and logged: paho must never see them.
+
+Other threads talk to the loop only through :meth:`Loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from .config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+# Outgoing messages paho may hold per client before publish() refuses more.
+# Unbounded by default; an agent publishes one update per round and a status,
+# the aggregator a handful per round, so 1000 only matters when the broker is
+# gone for a long time, and then refusing is better than growing without end.
+MAX_QUEUED_MESSAGES = 1000
+# Reconnect backoff: start fast for a broker restart, cap so a fleet of
+# devices does not hammer a broker that is down for long.
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
+# loop_misc handles keepalive pings and timeouts; once a second is plenty.
+MISC_INTERVAL_S = 1.0
+# Queued callbacks run per loop pass, so long work (training) never starves
+# the sockets of the other clients for more than one job.
+JOBS_PER_PASS = 1
+
+
+@dataclass
+class Publish:
+    """Action: publish ``payload`` on ``topic``."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+class Handler(Protocol):
+    """What a Connection needs from the code it serves."""
+
+    def subscriptions(self) -> list[str]: ...
+
+    def on_connected(self, conn: "Connection") -> None: ...
+
+    def on_message(self, conn: "Connection", topic: str, payload: bytes) -> None: ...
+
+
+class Loop:
+    """A single-threaded event loop for paho clients, jobs and timers."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.connections: list[Connection] = []
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._incoming: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self.thread: threading.Thread | None = None
+
+    # -- scheduling -----------------------------------------------------------
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` to run in the loop thread (call from the loop thread)."""
+        self._jobs.append(fn)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the loop thread after ``delay`` seconds."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
+
+    def call_every(self, interval: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` every ``interval`` seconds until the loop stops."""
+
+        def again() -> None:
+            _guard(fn, "periodic job")
+            self.call_later(interval, again)
+
+        self.call_later(interval, again)
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` from any thread and wake the loop."""
+        with self._lock:
+            self._incoming.append(fn)
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # the loop is already awake (buffer full) or closed
+
+    def stop(self) -> None:
+        """Ask the loop to finish (thread-safe); connections are closed cleanly."""
+        self.call_soon_threadsafe(self._request_stop)
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+
+    # -- running --------------------------------------------------------------
+
+    def start(self, name: str = "mqtt-loop") -> threading.Thread:
+        """Run the loop in a daemon thread and return it."""
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def run(self) -> None:
+        """Run until :meth:`stop`; then disconnect every client."""
+        next_misc = time.monotonic()
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                timeout = 0.0 if self._jobs else max(0.0, min(next_misc, self._next_timer()) - now)
+                for key, mask in self.selector.select(timeout):
+                    if key.data is None:
+                        self._drain_wakeups()
+                        continue
+                    conn: Connection = key.data
+                    if mask & selectors.EVENT_READ:
+                        conn.client.loop_read()
+                    if mask & selectors.EVENT_WRITE:
+                        conn.client.loop_write()
+                with self._lock:
+                    while self._incoming:
+                        self._jobs.append(self._incoming.popleft())
+                now = time.monotonic()
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, fn = heapq.heappop(self._timers)
+                    _guard(fn, "timer")
+                for _ in range(min(JOBS_PER_PASS, len(self._jobs))):
+                    _guard(self._jobs.popleft(), "job")
+                if now >= next_misc:
+                    for conn in self.connections:
+                        conn.client.loop_misc()
+                    next_misc = now + MISC_INTERVAL_S
+        finally:
+            self._shutdown()
+
+    def _next_timer(self) -> float:
+        return self._timers[0][0] if self._timers else float("inf")
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _shutdown(self) -> None:
+        for conn in self.connections:
+            conn.close()
+        # Give the DISCONNECT packets a moment to leave (bounded).
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(c.client.want_write() for c in self.connections):
+            for key, mask in self.selector.select(0.05):
+                if key.data is not None and mask & selectors.EVENT_WRITE:
+                    key.data.client.loop_write()
+        for conn in self.connections:
+            conn.client.loop_misc()
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _guard(fn: Callable[[], None], what: str) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("%s failed", what)
+
+
+class Connection:
+    """One paho MQTT v5 client driven by a :class:`Loop`."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        broker: BrokerConfig,
+        client_id: str,
+        handler: Handler,
+        will: Publish | None = None,
+        clean_start: bool = True,
+        session_expiry_s: int = 0,
+    ) -> None:
+        self.loop = loop
+        self.broker = broker
+        self.client_id = client_id
+        self.handler = handler
+        self.connected = False
+        self._closing = False
+        self._backoff = RECONNECT_MIN_S
+        self._session_expiry_s = session_expiry_s
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        c.max_queued_messages_set(MAX_QUEUED_MESSAGES)
+        if broker.username:
+            c.username_pw_set(broker.username, broker.password or None)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_register_write
+        c.on_socket_unregister_write = self._on_unregister_write
+        props = None
+        if session_expiry_s:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s
+        c.connect_async(broker.host, broker.port, broker.keepalive, clean_start=clean_start, properties=props)
+        self.client = c
+        loop.connections.append(self)
+
+    def open(self) -> None:
+        """Start connecting (from the loop thread); retries until it works or the loop stops."""
+        self.loop.call_soon(self._try_connect)
+
+    def publish(self, msg: Publish) -> None:
+        """Queue a publish (from the loop thread). Dropped with a log line if paho refuses it."""
+        info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("%s: publish to %s refused: %s", self.client_id, msg.topic, paho.error_string(info.rc))
+
+    def close(self) -> None:
+        """Disconnect cleanly (the broker then does not send the last will)."""
+        self._closing = True
+        if self.connected:
+            self.client.disconnect()
+
+    # -- connection management ------------------------------------------------
+
+    def _try_connect(self) -> None:
+        if self._closing:
+            return
+        try:
+            self.client.reconnect()
+        except (OSError, paho.WebsocketConnectionError) as exc:
+            log.info("%s: cannot reach broker %s:%s (%s); retry in %.1fs",
+                     self.client_id, self.broker.host, self.broker.port, exc, self._backoff)
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._closing:
+            return
+        self.loop.call_later(self._backoff, self._try_connect)
+        self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
+                return  # paho closes the socket; _on_disconnect schedules the retry
+            self.connected = True
+            self._backoff = RECONNECT_MIN_S
+            subs = self.handler.subscriptions()
+            if subs:
+                client.subscribe([(t, 1) for t in subs])
+            self.handler.on_connected(self)
+        except Exception:
+            log.exception("%s: on_connect handler failed", self.client_id)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            was = self.connected
+            self.connected = False
+            if self._closing:
+                return
+            if was:
+                log.warning("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
+            self._schedule_reconnect()
+        except Exception:
+            log.exception("%s: on_disconnect failed", self.client_id)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            self.handler.on_message(self, msg.topic, msg.payload)
+        except Exception:
+            log.exception("%s: handling a message on %s failed", self.client_id, msg.topic)
+
+    # -- selector registration ------------------------------------------------
+
+    def _on_socket_open(self, client, userdata, sock) -> None:
+        self.loop.selector.register(sock, selectors.EVENT_READ, self)
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        try:
+            self.loop.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _on_register_write(self, client, userdata, sock) -> None:
+        try:
+            self.loop.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
+        except (KeyError, ValueError):
+            pass
+
+    def _on_unregister_write(self, client, userdata, sock) -> None:
+        try:
+            self.loop.selector.modify(sock, selectors.EVENT_READ, self)
+        except (KeyError, ValueError):
+            pass

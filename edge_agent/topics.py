@@ -1,0 +1,89 @@
+"""The one topic builder and parser (DESIGN.md §2, docs/PROTOCOL.md).
+
+All topics of a federation live under ``fl/<federation>/``. Build them here,
+never by string formatting elsewhere, so that a rename is one edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .wire import valid_id
+
+ROOT = "fl"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one federation."""
+
+    fed: str
+
+    def __post_init__(self) -> None:
+        if not valid_id(self.fed):
+            raise ValueError(f"federation id {self.fed!r} must match [A-Za-z0-9_-]{{1,64}}")
+
+    @property
+    def prefix(self) -> str:
+        return f"{ROOT}/{self.fed}"
+
+    @property
+    def model(self) -> str:
+        return f"{self.prefix}/model"
+
+    @property
+    def model_onnx(self) -> str:
+        return f"{self.prefix}/model/onnx"
+
+    @property
+    def task(self) -> str:
+        return f"{self.prefix}/task"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}/metrics"
+
+    @property
+    def updates(self) -> str:
+        """Subscription filter for every agent's updates."""
+        return f"{self.prefix}/update/+"
+
+    @property
+    def statuses(self) -> str:
+        """Subscription filter for every agent's status."""
+        return f"{self.prefix}/agent/+/status"
+
+    def update(self, agent: str) -> str:
+        return f"{self.prefix}/update/{_agent(agent)}"
+
+    def status(self, agent: str) -> str:
+        return f"{self.prefix}/agent/{_agent(agent)}/status"
+
+    def inbox(self, agent: str) -> str:
+        return f"{self.prefix}/agent/{_agent(agent)}/inbox"
+
+    def parse(self, topic: str) -> tuple[str, str | None]:
+        """Classify a topic of this federation: (kind, agent id or None).
+
+        kind is one of model, model/onnx, task, metrics, update, status,
+        inbox, or "" for a topic that is not one of ours (including a
+        malformed agent id, which a hostile client could try).
+        """
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return "", None
+        rest = topic[len(head):]
+        if rest in ("model", "model/onnx", "task", "metrics"):
+            return rest, None
+        parts = rest.split("/")
+        if len(parts) == 2 and parts[0] == "update" and valid_id(parts[1]):
+            return "update", parts[1]
+        if len(parts) == 3 and parts[0] == "agent" and parts[2] in ("status", "inbox") and valid_id(parts[1]):
+            return parts[2], parts[1]
+        return "", None
+
+
+def _agent(agent: str) -> str:
+    if not valid_id(agent):
+        raise ValueError(f"agent id {agent!r} must match [A-Za-z0-9_-]{{1,64}}")
+    return agent

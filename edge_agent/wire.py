@@ -1,0 +1,489 @@
+"""The wire codec: every fedmqtt payload as one msgpack map (docs/PROTOCOL.md).
+
+Encoding writes arrays as ``{"dtype", "shape", "data"}`` maps whose ``data``
+is the raw little-endian C-order bytes of the array, handed to msgpack as a
+memoryview so the only copy is msgpack's own write into its buffer.
+
+Decoding treats every payload as hostile: the size is checked before msgpack
+sees a byte, msgpack's container limits are set, every field is type-checked,
+element counts are checked against shapes, shapes and dtypes against the
+model spec, and NaN/Inf are refused. Every failure is a :class:`WireError`
+carrying a short ``reason`` code that callers count and log. Nothing here
+can run code from a payload: there is no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import msgpack
+import numpy as np
+
+from .spec import ModelSpec
+
+WIRE_VERSION = 1
+
+# Largest payload decoded at all. 32 MiB holds a float32 model of 8 Mi
+# parameters, far beyond what a device trains, and matches the broker's
+# max_packet_size in mosquitto.conf (which adds room for topic and headers).
+MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
+# msgpack container limits. A task may list every selected agent of a large
+# fleet, so lists get 100k entries; maps (params, metrics, config) are small.
+MAX_LIST_LEN = 100_000
+MAX_MAP_LEN = 1024
+# Strings are ids, names and versions: 64 KiB is generous and keeps a hostile
+# payload from making us hash or log megabytes of text.
+MAX_STR_LEN = 64 * 1024
+# A model has a handful of tensors (two per layer); 256 bounds per-message work.
+MAX_ARRAYS = 256
+MAX_NDIM = 8
+
+# Little-endian numeric dtypes only: no object, string, void or big-endian
+# arrays, so decoding can never build anything but plain numbers.
+ALLOWED_DTYPES = frozenset(
+    {"<f2", "<f4", "<f8", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8"}
+)
+
+KINDS = ("model", "task", "update", "status", "metrics")
+TASK_STATES = ("open", "done")
+STATUS_STATES = ("online", "offline")
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class WireError(ValueError):
+    """A payload that must be dropped. ``reason`` is a short code for counters."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def valid_id(value: object) -> bool:
+    """True for a federation or agent id: 1-64 of ``[A-Za-z0-9_-]``."""
+    return isinstance(value, str) and _ID_RE.match(value) is not None
+
+
+Params = dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------
+# messages
+
+
+@dataclass
+class TrainConfig:
+    """Local training settings the aggregator sends in each task."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.1
+
+
+@dataclass
+class ModelMsg:
+    """The current global model (retained on ``fl/<fed>/model``)."""
+
+    fed: str
+    round: int
+    version: str
+    spec: ModelSpec
+    params: Params
+
+
+@dataclass
+class TaskMsg:
+    """The open round (retained on ``fl/<fed>/task``)."""
+
+    fed: str
+    round: int
+    base: str
+    state: str = "open"
+    attempt: int = 0
+    deadline: float = 0.0
+    selected: list[str] = field(default_factory=list)
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class UpdateMsg:
+    """One agent's update for one round (``fl/<fed>/update/<agent>``)."""
+
+    fed: str
+    round: int
+    agent: str
+    base: str
+    num_samples: int
+    delta: Params
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StatusMsg:
+    """An agent's retained status (``fl/<fed>/agent/<agent>/status``)."""
+
+    fed: str
+    round: int
+    agent: str
+    state: str
+    num_samples: int = 0
+    capabilities: list[str] = field(default_factory=list)
+    software: str = ""
+    eligible: bool = True
+
+
+@dataclass
+class MetricsMsg:
+    """Summary of the last closed round (retained on ``fl/<fed>/metrics``)."""
+
+    fed: str
+    round: int
+    version: str
+    participants: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+Message = ModelMsg | TaskMsg | UpdateMsg | StatusMsg | MetricsMsg
+
+
+# --------------------------------------------------------------------------
+# arrays
+
+
+def encode_array(arr: np.ndarray) -> dict[str, Any]:
+    """The wire map of one array, sharing memory with it (no copy for contiguous input)."""
+    a = np.asarray(arr)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    if a.dtype.str not in ALLOWED_DTYPES:
+        raise WireError("bad_dtype", f"cannot send dtype {a.dtype.str}")
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": memoryview(a.reshape(-1).view(np.uint8))}
+
+
+def decode_array(m: object, where: str = "array") -> np.ndarray:
+    """Check and build one array from its wire map. The result is read-only."""
+    if not isinstance(m, dict) or set(m) != {"dtype", "shape", "data"}:
+        raise WireError("bad_array", f"{where} must be a map with exactly dtype, shape, data")
+    dtype, shape, data = m["dtype"], m["shape"], m["data"]
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise WireError("bad_dtype", f"{where} has dtype {dtype!r}, allowed: {sorted(ALLOWED_DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape)
+    ):
+        raise WireError("bad_array", f"{where} shape must be a list of at most {MAX_NDIM} non-negative ints")
+    if not isinstance(data, bytes):
+        raise WireError("bad_array", f"{where} data must be binary")
+    dt = np.dtype(dtype)
+    count = math.prod(shape)
+    if count * dt.itemsize != len(data):
+        raise WireError(
+            "shape_mismatch",
+            f"{where}: shape {shape} of {dtype} needs {count * dt.itemsize} bytes, got {len(data)}",
+        )
+    arr = np.frombuffer(data, dtype=dt).reshape(shape)
+    if dt.kind == "f" and not _all_finite(arr):
+        raise WireError("non_finite", f"{where} contains NaN or Inf")
+    return arr
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    # NaN and Inf propagate into a sum, so a finite float64 sum proves every
+    # element finite at the cost of one pass without a temporary array. Only
+    # when the sum is not finite (a NaN, or huge float64 values overflowing)
+    # do we pay for the exact elementwise check.
+    if arr.size == 0 or math.isfinite(float(arr.sum(dtype=np.float64))):
+        return True
+    return bool(np.isfinite(arr).all())
+
+
+def encode_params(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Wire map of a parameter set, names in the given order."""
+    return {name: encode_array(a) for name, a in params.items()}
+
+
+def decode_params(m: object, spec: ModelSpec | None, where: str) -> Params:
+    """Decode a parameter map; with a spec, names, shapes and float dtype must match it."""
+    if not isinstance(m, dict):
+        raise WireError("bad_field", f"{where} must be a map of arrays")
+    if len(m) > MAX_ARRAYS:
+        raise WireError("bad_field", f"{where} has {len(m)} arrays, limit {MAX_ARRAYS}")
+    if spec is not None:
+        expected = spec.param_shapes()
+        if list(m) != list(expected):
+            raise WireError("spec_mismatch", f"{where} names {list(m)} do not match the model {list(expected)}")
+    out: Params = {}
+    for name, am in m.items():
+        if not isinstance(name, str):
+            raise WireError("bad_field", f"{where} keys must be strings")
+        arr = decode_array(am, f"{where}.{name}")
+        if spec is not None:
+            if arr.shape != expected[name]:
+                raise WireError(
+                    "spec_mismatch", f"{where}.{name} has shape {list(arr.shape)}, model needs {list(expected[name])}"
+                )
+            if arr.dtype.kind != "f":
+                raise WireError("spec_mismatch", f"{where}.{name} must be a float array, got {arr.dtype.str}")
+        out[name] = arr
+    return out
+
+
+def params_version(params: Mapping[str, np.ndarray]) -> str:
+    """Content hash of a parameter set: 16 hex digits of SHA-256 over names, dtypes, shapes, bytes.
+
+    Agents name the model they trained on by this hash, so an update built
+    on any other model is recognisably stale.
+    """
+    h = hashlib.sha256()
+    for name, a in params.items():
+        a = np.ascontiguousarray(a)
+        h.update(f"{name}|{a.dtype.str}|{list(a.shape)}|".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------
+# encode
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message to its msgpack payload."""
+    head = {"v": WIRE_VERSION, "kind": _KIND_OF[type(msg)], "fed": msg.fed, "round": msg.round}
+    if isinstance(msg, ModelMsg):
+        body = {"version": msg.version, "spec": msg.spec.to_wire(), "params": encode_params(msg.params)}
+    elif isinstance(msg, TaskMsg):
+        body = {
+            "base": msg.base,
+            "state": msg.state,
+            "attempt": msg.attempt,
+            "deadline": float(msg.deadline),
+            "selected": list(msg.selected),
+            "config": {"epochs": msg.config.epochs, "batch_size": msg.config.batch_size, "lr": float(msg.config.lr)},
+        }
+    elif isinstance(msg, UpdateMsg):
+        body = {
+            "agent": msg.agent,
+            "base": msg.base,
+            "num_samples": msg.num_samples,
+            "delta": encode_params(msg.delta),
+            "metrics": {k: float(v) for k, v in msg.metrics.items()},
+        }
+    elif isinstance(msg, StatusMsg):
+        body = {
+            "agent": msg.agent,
+            "state": msg.state,
+            "num_samples": msg.num_samples,
+            "capabilities": list(msg.capabilities),
+            "software": msg.software,
+            "eligible": bool(msg.eligible),
+        }
+    else:
+        body = {
+            "version": msg.version,
+            "participants": msg.participants,
+            "metrics": {k: float(v) for k, v in msg.metrics.items()},
+        }
+    head.update(body)
+    return msgpack.packb(head, use_bin_type=True)
+
+
+_KIND_OF = {ModelMsg: "model", TaskMsg: "task", UpdateMsg: "update", StatusMsg: "status", MetricsMsg: "metrics"}
+
+
+# --------------------------------------------------------------------------
+# decode
+
+
+def unpack(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """Bounded msgpack decode of an untrusted payload into the top-level map."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise WireError("bad_payload", f"payload must be bytes, got {type(payload).__name__}")
+    if len(payload) > max_bytes:
+        raise WireError("oversize", f"payload of {len(payload)} bytes exceeds the limit {max_bytes}")
+    if len(payload) == 0:
+        raise WireError("empty", "empty payload")
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_bytes,
+            max_str_len=MAX_STR_LEN,
+            max_array_len=MAX_LIST_LEN,
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError("not_msgpack", f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise WireError("not_a_map", f"payload is a msgpack {type(obj).__name__}, not a map")
+    return obj
+
+
+def decode(
+    payload: bytes,
+    *,
+    expect: str | None = None,
+    fed: str | None = None,
+    spec: ModelSpec | None = None,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+) -> Message:
+    """Decode and validate one payload.
+
+    ``expect`` is the kind the topic implies, ``fed`` the federation the topic
+    belongs to, ``spec`` the model that update deltas must match. Raises
+    :class:`WireError` for anything that is not exactly a valid message.
+    """
+    m = unpack(payload, max_bytes)
+    if m.get("v") != WIRE_VERSION:
+        raise WireError("bad_version", f"wire version {m.get('v')!r}, this build speaks {WIRE_VERSION}")
+    kind = m.get("kind")
+    if kind not in KINDS:
+        raise WireError("unknown_kind", f"kind {kind!r}")
+    if expect is not None and kind != expect:
+        raise WireError("wrong_kind", f"expected a {expect} message, got {kind!r}")
+    r = _Reader(m, kind)
+    msg_fed = r.id("fed")
+    if fed is not None and msg_fed != fed:
+        raise WireError("wrong_federation", f"message for federation {msg_fed!r}, expected {fed!r}")
+    rnd = r.nonneg_int("round")
+    if kind == "model":
+        try:
+            mspec = ModelSpec.from_wire(r.get("spec", dict))
+        except (ValueError, TypeError) as exc:
+            raise WireError("bad_field", f"model.spec: {exc}") from None
+        msg: Message = ModelMsg(
+            fed=msg_fed,
+            round=rnd,
+            version=r.text("version"),
+            spec=mspec,
+            params=decode_params(r.get("params", dict), mspec, "params"),
+        )
+    elif kind == "task":
+        state = r.text("state")
+        if state not in TASK_STATES:
+            raise WireError("bad_field", f"task.state must be one of {TASK_STATES}, got {state!r}")
+        selected = r.get("selected", list)
+        if not all(valid_id(a) for a in selected):
+            raise WireError("bad_field", "task.selected must be a list of agent ids")
+        cfg = r.get("config", dict)
+        c = _Reader(cfg, "task.config")
+        config = TrainConfig(epochs=c.pos_int("epochs"), batch_size=c.pos_int("batch_size"), lr=c.pos_float("lr"))
+        msg = TaskMsg(
+            fed=msg_fed,
+            round=rnd,
+            base=r.text("base"),
+            state=state,
+            attempt=r.nonneg_int("attempt"),
+            deadline=r.number("deadline"),
+            selected=selected,
+            config=config,
+        )
+    elif kind == "update":
+        msg = UpdateMsg(
+            fed=msg_fed,
+            round=rnd,
+            agent=r.id("agent"),
+            base=r.text("base"),
+            num_samples=r.pos_int("num_samples"),
+            delta=decode_params(r.get("delta", dict), spec, "delta"),
+            metrics=r.float_map("metrics"),
+        )
+    elif kind == "status":
+        state = r.text("state")
+        if state not in STATUS_STATES:
+            raise WireError("bad_field", f"status.state must be one of {STATUS_STATES}, got {state!r}")
+        caps = r.get("capabilities", list)
+        if not all(isinstance(c, str) for c in caps):
+            raise WireError("bad_field", "status.capabilities must be a list of strings")
+        msg = StatusMsg(
+            fed=msg_fed,
+            round=rnd,
+            agent=r.id("agent"),
+            state=state,
+            num_samples=r.nonneg_int("num_samples"),
+            capabilities=caps,
+            software=r.text("software", allow_empty=True),
+            eligible=r.get("eligible", bool),
+        )
+    else:
+        msg = MetricsMsg(
+            fed=msg_fed,
+            round=rnd,
+            version=r.text("version"),
+            participants=r.nonneg_int("participants"),
+            metrics=r.float_map("metrics"),
+        )
+    return msg
+
+
+class _Reader:
+    """Typed field access on a decoded map; every miss is a WireError naming the field."""
+
+    def __init__(self, m: dict, where: str) -> None:
+        self.m = m
+        self.where = where
+
+    def get(self, key: str, typ: type) -> Any:
+        if key not in self.m:
+            raise WireError("missing_field", f"{self.where}.{key} is missing")
+        value = self.m[key]
+        # bool is an int subclass; an int field must not accept True.
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise WireError("bad_field", f"{self.where}.{key} must be {typ.__name__}, got {type(value).__name__}")
+        return value
+
+    def text(self, key: str, allow_empty: bool = False) -> str:
+        value = self.get(key, str)
+        if not value and not allow_empty:
+            raise WireError("bad_field", f"{self.where}.{key} must not be empty")
+        return value
+
+    def id(self, key: str) -> str:
+        value = self.get(key, str)
+        if not valid_id(value):
+            raise WireError("bad_field", f"{self.where}.{key} must match [A-Za-z0-9_-]{{1,64}}")
+        return value
+
+    def nonneg_int(self, key: str) -> int:
+        value = self.get(key, int)
+        if value < 0:
+            raise WireError("bad_field", f"{self.where}.{key} must be >= 0, got {value}")
+        return value
+
+    def pos_int(self, key: str) -> int:
+        value = self.get(key, int)
+        if value <= 0:
+            raise WireError("bad_field", f"{self.where}.{key} must be > 0, got {value}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.m.get(key)
+        if key not in self.m:
+            raise WireError("missing_field", f"{self.where}.{key} is missing")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise WireError("bad_field", f"{self.where}.{key} must be a finite number")
+        return float(value)
+
+    def pos_float(self, key: str) -> float:
+        value = self.number(key)
+        if value <= 0:
+            raise WireError("bad_field", f"{self.where}.{key} must be > 0, got {value}")
+        return value
+
+    def float_map(self, key: str) -> dict[str, float]:
+        value = self.get(key, dict)
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise WireError("bad_field", f"{self.where}.{key}.{k} must be a finite number")
+            out[k] = float(v)
+        return out
