@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from edge_agent.cli import setup_logging, stop_on_signals
@@ -75,8 +76,14 @@ def demo_main(argv: list[str]) -> int:
         batch_size=a.batch_size, lr=a.lr, partition=a.partition, alpha=a.alpha, seed=a.seed,
         out=a.out, broker=a.broker,
     )
+    # systemd, `timeout` or a terminal closing send SIGTERM: clean up exactly as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     run_demo(opts)
     return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def aggregator_main(argv: list[str]) -> int:

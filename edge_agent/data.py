@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +50,19 @@ def load(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.
 
 def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
     # allow_pickle=False: a data file is not trusted to run code either.
-    with np.load(p, allow_pickle=False) as f:
-        missing = {"X", "y"} - set(f.files)
-        if missing:
-            raise DataError(f"{p}: missing array(s) {sorted(missing)} (has {f.files})")
-        X = np.asarray(f["X"], dtype=np.float32)
-        y = f["y"]
+    # numpy refuses object arrays (and unreadable files) with a bare
+    # ValueError/BadZipFile; turn those into a DataError naming the file.
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = {"X", "y"} - set(f.files)
+            if missing:
+                raise DataError(f"{p}: missing array(s) {sorted(missing)} (has {f.files})")
+            X = np.asarray(f["X"], dtype=np.float32)
+            y = f["y"]
+    except DataError:
+        raise
+    except (ValueError, TypeError, AttributeError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{p}: not a readable .npz of numeric arrays X and y ({exc})") from None
     if y.dtype.kind == "f" and np.all(y == np.round(y)):
         y = y.astype(np.int64)
     return X, y
@@ -71,6 +79,9 @@ def _load_csv(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{p}: no label column {label_column!r} in header {header}")
         li = header.index(label_column)
         rows = [row for row in reader if row]
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise DataError(f"{p}: every row must have {len(header)} columns, data row {i + 1} has {len(row)}")
     try:
         table = np.array(rows, dtype=np.float64)
     except ValueError as exc:

@@ -162,8 +162,13 @@ def encode_array(arr: np.ndarray) -> dict[str, Any]:
         a = a.astype(a.dtype.newbyteorder("<"))
     if a.dtype.str not in ALLOWED_DTYPES:
         raise WireError("bad_dtype", f"cannot send dtype {a.dtype.str}")
-    a = np.ascontiguousarray(a)
+    a = _c_order(a)
     return {"dtype": a.dtype.str, "shape": list(a.shape), "data": memoryview(a.reshape(-1).view(np.uint8))}
+
+
+def _c_order(a: np.ndarray) -> np.ndarray:
+    # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def decode_array(m: object, where: str = "array") -> np.ndarray:
@@ -199,8 +204,9 @@ def _all_finite(arr: np.ndarray) -> bool:
     # element finite at the cost of one pass without a temporary array. Only
     # when the sum is not finite (a NaN, or huge float64 values overflowing)
     # do we pay for the exact elementwise check.
-    if arr.size == 0 or math.isfinite(float(arr.sum(dtype=np.float64))):
-        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if arr.size == 0 or math.isfinite(float(arr.sum(dtype=np.float64))):
+            return True
     return bool(np.isfinite(arr).all())
 
 
@@ -243,7 +249,7 @@ def params_version(params: Mapping[str, np.ndarray]) -> str:
     """
     h = hashlib.sha256()
     for name, a in params.items():
-        a = np.ascontiguousarray(a)
+        a = _c_order(np.asarray(a))
         h.update(f"{name}|{a.dtype.str}|{list(a.shape)}|".encode())
         h.update(memoryview(a.reshape(-1).view(np.uint8)))
     return h.hexdigest()[:16]

@@ -1,0 +1,28 @@
+# The two commands of the quickstart. Both set up what they need first.
+#   make demo   run a whole federation on this machine
+#   make test   run the whole test suite against a real mosquitto
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench setup-demo setup-dev clean
+
+demo: setup-demo
+	$(VENV)/bin/fedmqtt demo
+
+test: setup-dev
+	$(PY) -m pytest -q
+
+bench: setup-dev
+	$(PY) bench/bench_codec.py
+	$(PY) bench/bench_ingest.py
+	$(PY) bench/bench_agent_rss.py
+
+setup-demo:
+	@scripts/setup.sh $(VENV) aggregator,demo
+
+# The tests run the demo too, so the dev set includes the demo extras.
+setup-dev:
+	@scripts/setup.sh $(VENV) aggregator,demo,dev
+
+clean:
+	rm -rf $(VENV) fedmqtt-out .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,159 @@
+"""Shared fixtures: a real mosquitto (from the repo's mosquitto.conf) and federation helpers.
+
+Integration tests talk to a real broker through paho-mqtt: the session
+starts one private mosquitto on a free loopback port; each test uses its own
+federation id so retained messages of one test never reach another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.broker import LocalBroker
+from aggregator.config import AggregatorConfig
+from aggregator.coordinator import RoundClosed
+from aggregator.service import AggregatorService
+from edge_agent.config import BrokerConfig
+from edge_agent.mqtt import Loop
+
+_fed_ids = itertools.count()
+
+# Generous bound on anything a test waits for over the broker; the happy
+# paths take milliseconds, so hitting it means a real hang.
+WAIT_S = 30.0
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One private mosquitto for the whole test session."""
+    with LocalBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def broker_config(broker) -> BrokerConfig:
+    return BrokerConfig(host=broker.host, port=broker.port)
+
+
+@pytest.fixture
+def fed() -> str:
+    """A federation id unique to this test."""
+    return f"t{next(_fed_ids)}-{int(time.time() * 1000) % 10_000_000}"
+
+
+class RawClient:
+    """A plain paho client for tests: publish anything, collect what arrives."""
+
+    def __init__(self, broker: LocalBroker, client_id: str = "") -> None:
+        self.messages: queue.Queue = queue.Queue()
+        self.connected = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        self.client.on_connect = lambda c, u, f, rc, p: self.connected.set()
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self.connected.wait(WAIT_S), "test client could not connect"
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *a: done.set()
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(WAIT_S)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(WAIT_S)
+
+    def wait_for(self, topic: str, timeout: float = WAIT_S):
+        """Next message on ``topic`` (others are dropped)."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"nothing arrived on {topic} within {timeout}s")
+            try:
+                t, payload, retain = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            if t == topic:
+                return payload, retain
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def raw_client(broker):
+    clients: list[RawClient] = []
+
+    def make(client_id: str = "") -> RawClient:
+        c = RawClient(broker, client_id)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+@dataclass
+class RunningAggregator:
+    """An AggregatorService on its own loop thread, with its rounds collected."""
+
+    service: AggregatorService
+    loop: Loop
+    rounds: "queue.Queue[RoundClosed]" = field(default_factory=queue.Queue)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def coordinator(self):
+        return self.service.coordinator
+
+    def wait_finished(self, timeout: float = WAIT_S) -> None:
+        assert self.finished.wait(timeout), (
+            f"federation did not finish within {timeout}s; "
+            f"round {self.coordinator.round}, rejected {dict(self.coordinator.rejected)}"
+        )
+
+    def stop(self) -> None:
+        self.loop.stop()
+        if self.loop.thread is not None:
+            self.loop.thread.join(10)
+
+
+@pytest.fixture
+def start_aggregator(tmp_path: Path):
+    """Start an aggregator service for a config; stopped after the test."""
+    running: list[RunningAggregator] = []
+
+    def start(config: AggregatorConfig, evaluate=None) -> RunningAggregator:
+        loop = Loop()
+        ra: RunningAggregator
+        holder: dict = {}
+
+        def on_round(ev: RoundClosed) -> None:
+            holder["ra"].rounds.put(ev)
+
+        def on_finished(_r: int) -> None:
+            holder["ra"].finished.set()
+
+        service = AggregatorService(config, loop, evaluate=evaluate, on_round=on_round, on_finished=on_finished)
+        ra = RunningAggregator(service, loop)
+        holder["ra"] = ra
+        service.start()
+        loop.start(name="test-aggregator")
+        running.append(ra)
+        return ra
+
+    yield start
+    for ra in running:
+        ra.stop()
