@@ -220,3 +220,35 @@ def test_agent_command_imports_no_aggregator_code_or_extras(fed, broker, tmp_pat
 def test_python_dash_m_entry_points(module, needle):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and needle in proc.stdout
+
+
+def test_one_hundred_simulated_agents_on_one_thread(fed, broker_config, tmp_path, start_aggregator):
+    data = federated_digits(100, "iid", 0.5, 0)
+    cfg = digits_config(fed, broker_config, tmp_path, rounds=2, min_agents=100)
+    ra = start_aggregator(cfg)
+    before = threading.active_count()
+    sim = Simulation(broker_config, fed, data.agents, seed=0)
+    sim.start()
+    try:
+        assert threading.active_count() == before + 1  # one loop thread for all 100 clients
+        ra.wait_finished(timeout=120)
+        assert sim.finished.wait(WAIT_S)
+    finally:
+        sim.stop()
+    assert [ra.rounds.get_nowait().summary.participants for _ in range(2)] == [100, 100]
+
+
+def test_sim_command_runs_agents_against_a_broker(fed, broker, broker_config, tmp_path, start_aggregator):
+    cfg = digits_config(fed, broker_config, tmp_path, rounds=2, min_agents=3)
+    ra = start_aggregator(cfg)
+    proc = subprocess.run(
+        [FEDMQTT, "sim", "--agents", "3", "--broker", broker.address, "--federation", fed,
+         "--partition", "iid", "--holdout", "0.2", "--exit-when-done"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ra.wait_finished()
+    summaries = [ra.rounds.get_nowait().summary for _ in range(2)]
+    assert [s.participants for s in summaries] == [3, 3]
+    # with a holdout the agents evaluate the global model before training: federated evaluation
+    assert 0.0 <= summaries[1].metrics["eval_accuracy"] <= 1.0 and summaries[1].metrics["eval_accuracy"] > 0.5
