@@ -300,7 +300,16 @@ class Coordinator:
     def _close(self, now: float) -> list[Action]:
         o = self.open
         assert o is not None
-        self.params = self.strategy.result(self.params)
+        new_params = self.strategy.result(self.params)
+        if not all(np.isfinite(a).all() for a in new_params.values()):
+            # Every delta was finite, yet the sum overflowed float32: publishing
+            # it would make every agent reject the model and stall the fleet.
+            self.rejected["non_finite_aggregate"] += 1
+            log.error("round %d attempt %d: the aggregate is not finite; round re-run", o.round, o.attempt)
+            self.open = None
+            self.attempt += 1
+            return [RoundAbandoned(o.round, o.attempt, len(o.received), self.config.round.quorum), *self._maybe_open(now)]
+        self.params = new_params
         self.round = o.round
         self.version = wire.params_version(self.params)
         self.open = None

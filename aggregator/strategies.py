@@ -77,8 +77,9 @@ class FedAvg(Strategy):
         w = float(num_samples) if self.weighted else 1.0
         for k, acc in self._sum.items():
             # multiply into a preallocated float64 buffer, then add in place:
-            # no allocation per update, whatever the model size.
-            np.multiply(delta[k], w, out=self._scratch[k])
+            # no allocation per update, whatever the model size. dtype=float64
+            # matters: without it numpy multiplies in float32 and can overflow.
+            np.multiply(delta[k], w, out=self._scratch[k], dtype=np.float64)
             acc += self._scratch[k]
         self._total += w
         self.count += 1
@@ -86,10 +87,13 @@ class FedAvg(Strategy):
     def result(self, global_params: Mapping[str, np.ndarray]) -> Params:
         if self.count == 0:
             raise ValueError("no updates to aggregate")
-        return {
-            k: (global_params[k].astype(np.float64) + self._sum[k] / self._total).astype(np.float32)
-            for k in global_params
-        }
+        # Overflow to inf is possible with hostile input; the coordinator
+        # checks the result and refuses to publish it, so no warning here.
+        with np.errstate(over="ignore"):
+            return {
+                k: (global_params[k].astype(np.float64) + self._sum[k] / self._total).astype(np.float32)
+                for k in global_params
+            }
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Train:
-    """Action: train for ``round`` (the adapter runs it, then calls :meth:`AgentCore.train`)."""
+    """Action: train for ``round``/``attempt`` (the adapter runs it, then calls :meth:`AgentCore.train`)."""
 
     round: int
+    attempt: int = 0
 
 
 @dataclass
@@ -144,13 +145,27 @@ class AgentCore:
         # Claim the attempt now: never train twice for it. A re-run of an
         # abandoned round is a new attempt and may select us again.
         self.trained.add((t.round, t.attempt))
-        return [Train(t.round)]
+        return [Train(t.round, t.attempt)]
 
-    def train(self, round_number: int) -> list[Action]:
-        """Evaluate the global model on the holdout, train locally, return the update to publish."""
+    def train(self, round_number: int, attempt: int = 0) -> list[Action]:
+        """Evaluate the global model on the holdout, train locally, return the update to publish.
+
+        Training is requested by :meth:`receive` but runs later; if the task
+        changed in between (new attempt, round closed, federation done,
+        deselected) the work is skipped rather than sent for a task that no
+        longer stands.
+        """
         t, m = self.task, self.model_msg
-        if t is None or m is None or t.round != round_number or t.base != m.version:
-            log.info("%s: round %d moved on before training started; skipped", self.agent_id, round_number)
+        if (
+            t is None
+            or m is None
+            or t.state != "open"
+            or (t.round, t.attempt) != (round_number, attempt)
+            or self.agent_id not in t.selected
+            or t.base != m.version
+        ):
+            log.info("%s: round %d attempt %d moved on before training started; skipped",
+                     self.agent_id, round_number, attempt)
             return []
         model = Model(m.spec)
         metrics: dict[str, float] = {}
@@ -215,7 +230,7 @@ class AgentRunner:
                 self.conn.publish(a)
             elif isinstance(a, Train):
                 # Deferred so the loop serves other clients' sockets between trainings.
-                self.loop.call_soon(lambda r=a.round: self._execute(self.core.train(r)))
+                self.loop.call_soon(lambda a=a: self._execute(self.core.train(a.round, a.attempt)))
             elif isinstance(a, Done):
                 log.info("%s: federation finished after round %d", self.core.agent_id, a.round)
                 if self.on_done is not None:

@@ -217,6 +217,7 @@ class Connection:
         self._closing = False
         self._backoff = RECONNECT_MIN_S
         self._session_expiry_s = session_expiry_s
+        self.will = will
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         c.max_queued_messages_set(MAX_QUEUED_MESSAGES)
         if broker.username:
@@ -249,9 +250,16 @@ class Connection:
             log.warning("%s: publish to %s refused: %s", self.client_id, msg.topic, paho.error_string(info.rc))
 
     def close(self) -> None:
-        """Disconnect cleanly (the broker then does not send the last will)."""
+        """Disconnect cleanly.
+
+        A clean DISCONNECT makes the broker discard the last will, so the will
+        (e.g. a retained "offline" status) is published explicitly first:
+        others must learn we left whether we crashed or were stopped.
+        """
         self._closing = True
         if self.connected:
+            if self.will is not None:
+                self.publish(self.will)
             self.client.disconnect()
 
     # -- connection management ------------------------------------------------

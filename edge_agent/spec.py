@@ -18,9 +18,10 @@ MODEL_KINDS = ("softmax", "mlp", "linear")
 # trains (the codec's payload cap is the real ceiling on total size).
 MAX_DIM = 1 << 20
 MAX_HIDDEN_LAYERS = 8
-# Total scalar parameters a spec may declare: 8 Mi float32 values fill the
-# codec's 32 MiB payload cap, so a larger model could never be sent anyway.
-MAX_PARAMS = 8 * 1024 * 1024
+# Total scalar parameters a spec may declare: 8 million float32 values are
+# 30.5 MiB, which fits the codec's 32 MiB payload cap with room for the
+# msgpack framing; a larger model could never be sent.
+MAX_PARAMS = 8_000_000
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,14 @@ MAX_STR_LEN = 64 * 1024
 # A model has a handful of tensors (two per layer); 256 bounds per-message work.
 MAX_ARRAYS = 256
 MAX_NDIM = 8
+# Largest single dimension: an empty array may claim a shape like [0, 2**64]
+# that passes the byte count yet breaks numpy; no real tensor is this wide.
+MAX_DIM_SIZE = 1 << 31
+# Reported metrics are losses, accuracies and counts. Bounding their size
+# keeps sums over a whole fleet finite (1e12 x 100k agents << float64 max).
+MAX_METRIC_ABS = 1e12
+# The dtype of every model parameter and delta on the wire.
+PARAM_DTYPE = "<f4"
 
 # Little-endian numeric dtypes only: no object, string, void or big-endian
 # arrays, so decoding can never build anything but plain numbers.
@@ -181,9 +189,11 @@ def decode_array(m: object, where: str = "array") -> np.ndarray:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
-        or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape)
+        or any(not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DIM_SIZE for d in shape)
     ):
-        raise WireError("bad_array", f"{where} shape must be a list of at most {MAX_NDIM} non-negative ints")
+        raise WireError(
+            "bad_array", f"{where} shape must be a list of at most {MAX_NDIM} ints in 0..{MAX_DIM_SIZE}"
+        )
     if not isinstance(data, bytes):
         raise WireError("bad_array", f"{where} data must be binary")
     dt = np.dtype(dtype)
@@ -193,7 +203,10 @@ def decode_array(m: object, where: str = "array") -> np.ndarray:
             "shape_mismatch",
             f"{where}: shape {shape} of {dtype} needs {count * dt.itemsize} bytes, got {len(data)}",
         )
-    arr = np.frombuffer(data, dtype=dt).reshape(shape)
+    try:
+        arr = np.frombuffer(data, dtype=dt).reshape(shape)
+    except ValueError as exc:  # numpy's own limits on shapes
+        raise WireError("bad_array", f"{where}: shape {shape}: {exc}") from None
     if dt.kind == "f" and not _all_finite(arr):
         raise WireError("non_finite", f"{where} contains NaN or Inf")
     return arr
@@ -235,8 +248,10 @@ def decode_params(m: object, spec: ModelSpec | None, where: str) -> Params:
                 raise WireError(
                     "spec_mismatch", f"{where}.{name} has shape {list(arr.shape)}, model needs {list(expected[name])}"
                 )
-            if arr.dtype.kind != "f":
-                raise WireError("spec_mismatch", f"{where}.{name} must be a float array, got {arr.dtype.str}")
+            if arr.dtype.str != PARAM_DTYPE:
+                # float32 only: a float64 delta could average to values that
+                # overflow when the model is cast back to float32.
+                raise WireError("spec_mismatch", f"{where}.{name} must be {PARAM_DTYPE}, got {arr.dtype.str}")
         out[name] = arr
     return out
 
@@ -349,7 +364,8 @@ def decode(
     :class:`WireError` for anything that is not exactly a valid message.
     """
     m = unpack(payload, max_bytes)
-    if m.get("v") != WIRE_VERSION:
+    v = m.get("v")
+    if not isinstance(v, int) or isinstance(v, bool) or v != WIRE_VERSION:
         raise WireError("bad_version", f"wire version {m.get('v')!r}, this build speaks {WIRE_VERSION}")
     kind = m.get("kind")
     if kind not in KINDS:
@@ -489,7 +505,9 @@ class _Reader:
         value = self.get(key, dict)
         out: dict[str, float] = {}
         for k, v in value.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise WireError("bad_field", f"{self.where}.{key}.{k} must be a finite number")
+            if not isinstance(k, str) or not k:
+                raise WireError("bad_field", f"{self.where}.{key} keys must be non-empty strings")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > MAX_METRIC_ABS:
+                raise WireError("bad_field", f"{self.where}.{key}.{k} must be a finite number within ±{MAX_METRIC_ABS:g}")
             out[k] = float(v)
         return out

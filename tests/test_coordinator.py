@@ -305,3 +305,19 @@ def test_save_checkpoint_action_carries_a_copy():
     ck = next(a for a in actions if isinstance(a, SaveCheckpoint))
     ck.state["params"]["b0"][0] = 99.0
     assert theta(c.params) == [1.0, 1.0]
+
+
+def test_an_aggregate_that_overflows_float32_is_not_published():
+    c = started(n_agents=2, min_agents=2)
+    big = float(np.finfo(np.float32).max)
+    c.receive(*update(c, "a0", [big, 0]), now=1.0)
+    c.receive(*update(c, "a1", [big, 0]), now=1.0)  # weighted mean of two maxima: still finite
+    assert c.round == 1 and theta(c.params)[0] == big
+    v_before = c.version
+    # every delta is finite, but global + mean delta overflows float32
+    c.receive(*update(c, "a0", [0, 0], delta={"W0": np.array([[big]], np.float32), "b0": np.zeros(1, np.float32)}), now=2.0)
+    actions = c.receive(*update(c, "a1", [0, 0], delta={"W0": np.array([[big]], np.float32), "b0": np.zeros(1, np.float32)}), now=2.0)
+    assert any(isinstance(a, RoundAbandoned) for a in actions)
+    assert not published(actions, T.model)
+    assert c.version == v_before and c.round == 1 and c.rejected["non_finite_aggregate"] == 1
+    assert c.open.round == 2 and c.open.attempt == 1

@@ -285,3 +285,28 @@ def test_mutated_valid_payloads_never_raise_anything_but_wire_error(data):
     # Anything that still decodes must be a fully valid update.
     assert isinstance(msg, wire.UpdateMsg)
     assert all(np.isfinite(a).all() for a in msg.delta.values())
+
+
+# -- found in review: each of these used to escape as a non-WireError or poison state
+
+def test_empty_array_with_absurd_shape_is_refused():
+    assert _reason(_with_array(shape=[0, 2**64 - 1], data=b"")) == "bad_array"
+    assert _reason(_with_array(shape=[0] + [2**31] * 7, data=b"")) == "bad_array"
+
+
+def test_metric_keys_must_be_strings_and_values_bounded():
+    m = _raw_update()
+    m["metrics"] = {b"eval_loss": 1.0}
+    assert _reason(_pack(m)) == "bad_field"
+    assert _reason(_pack(_raw_update(metrics={"train_loss": 1e300}))) == "bad_field"
+    assert _reason(_pack(_raw_update(metrics={"": 1.0}))) == "bad_field"
+
+
+def test_deltas_must_be_float32_like_the_model():
+    d = {k: v.astype(np.float64) for k, v in _params().items()}
+    assert _reason(wire.encode(_update(delta=d)), spec=SPEC) == "spec_mismatch"
+
+
+@pytest.mark.parametrize("v", [True, 1.0, "1", None])
+def test_version_must_be_the_integer_one(v):
+    assert _reason(_pack(_raw_update(v=v))) == "bad_version"

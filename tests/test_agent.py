@@ -1,0 +1,161 @@
+"""The sans-I/O agent core: when it trains, what it sends, what it drops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent import wire
+from edge_agent.agent import AgentCore, Done, Train
+from edge_agent.data import LocalData
+from edge_agent.models import Model
+from edge_agent.mqtt import Publish
+from edge_agent.spec import ModelSpec
+from edge_agent.topics import Topics
+from edge_agent.training import round_seed, train_local
+
+FED = "f"
+T = Topics(FED)
+SPEC = ModelSpec("softmax", 4, 3)
+
+
+def data(n: int = 40, holdout: int = 10) -> LocalData:
+    rng = np.random.default_rng(0)
+    X = rng.random((n + holdout, 4), dtype=np.float32)
+    y = np.arange(n + holdout) % 3
+    return LocalData(X[:n], y[:n], X[n:], y[n:])
+
+
+def core(**kw) -> AgentCore:
+    return AgentCore(agent_id="me", fed=FED, data=data(), seed=5, **kw)
+
+
+def model_msg(round_: int = 0, seed: int = 0, spec: ModelSpec = SPEC) -> tuple[str, bytes, wire.ModelMsg]:
+    params = Model(spec).init_params(seed)
+    params["b0"] += np.float32(round_)  # distinct versions per round
+    m = wire.ModelMsg(FED, round_, wire.params_version(params), spec, params)
+    return T.model, wire.encode(m), m
+
+
+def task_msg(m: wire.ModelMsg, selected=("me",), attempt: int = 0, state: str = "open", round_: int | None = None):
+    t = wire.TaskMsg(FED, m.round + 1 if round_ is None else round_, m.version, state, attempt, 100.0,
+                     list(selected), wire.TrainConfig(2, 8, 0.1))
+    return T.task, wire.encode(t)
+
+
+def test_trains_once_when_selected_on_the_model_it_holds():
+    c = core()
+    topic, payload, m = model_msg()
+    assert c.receive(topic, payload) == []
+    assert c.receive(*task_msg(m)) == [Train(1, 0)]
+    assert c.receive(*task_msg(m)) == []  # the same task again (e.g. retained redelivery)
+    (pub,) = c.train(1, 0)
+    assert isinstance(pub, Publish) and pub.topic == T.update("me") and pub.qos == 1 and not pub.retain
+    u = wire.decode(pub.payload, expect="update", spec=SPEC)
+    assert (u.round, u.agent, u.base, u.num_samples) == (1, "me", m.version, 40)
+    # the delta is exactly local - global for the seeded training
+    local, _ = train_local(Model(SPEC), m.params, c.data.X_train, c.data.y_train, wire.TrainConfig(2, 8, 0.1),
+                           round_seed(5, 1))
+    for k in local:
+        np.testing.assert_allclose(u.delta[k], local[k] - m.params[k], atol=1e-7)
+    # it evaluated the global model on its holdout before training
+    ev = Model(SPEC).evaluate(m.params, c.data.X_holdout, c.data.y_holdout)
+    assert u.metrics["eval_accuracy"] == pytest.approx(ev["accuracy"]) and u.metrics["eval_samples"] == 10
+    assert "train_loss" in u.metrics
+
+
+def test_task_before_model_waits_for_the_matching_model():
+    c = core()
+    topic, payload, m = model_msg()
+    assert c.receive(*task_msg(m)) == []
+    assert c.receive(topic, payload) == [Train(1, 0)]
+
+
+def test_not_selected_or_other_base_does_not_train():
+    c = core()
+    topic, payload, m = model_msg()
+    c.receive(topic, payload)
+    assert c.receive(*task_msg(m, selected=("someone-else",))) == []
+    _, _, other = model_msg(round_=3)
+    assert c.receive(*task_msg(other, round_=1)) == []  # base is a model we do not hold
+
+
+def test_a_rerun_attempt_trains_again():
+    c = core()
+    topic, payload, m = model_msg()
+    c.receive(topic, payload)
+    assert c.receive(*task_msg(m, attempt=0)) == [Train(1, 0)]
+    assert c.receive(*task_msg(m, attempt=1)) == [Train(1, 1)]
+
+
+def test_training_is_skipped_when_the_task_moved_on():
+    c = core()
+    topic, payload, m = model_msg()
+    c.receive(topic, payload)
+    c.receive(*task_msg(m, attempt=0))
+    c.receive(*task_msg(m, attempt=1, selected=("other",)))  # re-run without us
+    assert c.train(1, 0) == []
+    c.receive(*task_msg(m, state="done"))
+    assert c.train(1, 1) == []
+    assert c.updates_sent == 0
+
+
+def test_done_task_is_reported_once():
+    c = core()
+    _, _, m = model_msg()
+    assert c.receive(*task_msg(m, state="done")) == [Done(1)]
+    assert c.receive(*task_msg(m, state="done")) == []
+    assert c.finished
+
+
+@pytest.mark.parametrize(
+    "payload,reason",
+    [(b"\xc1", "not_msgpack"), (wire.encode(wire.StatusMsg(FED, 0, "x", "online")), "wrong_kind")],
+)
+def test_malformed_messages_are_dropped_and_counted(payload, reason):
+    c = core()
+    assert c.receive(T.model, payload) == [] and c.receive(T.task, payload) == []
+    assert c.rejected[reason] == 2 and c.model_msg is None and c.task is None
+
+
+def test_model_whose_hash_does_not_match_is_dropped():
+    c = core()
+    _, _, m = model_msg()
+    m.version = "0000000000000000"
+    assert c.receive(T.model, wire.encode(m)) == []
+    assert c.rejected["bad_version_hash"] == 1 and c.model_msg is None
+
+
+def test_model_for_other_data_or_unsupported_kind_is_dropped():
+    c = core(capabilities=("softmax",))
+    assert c.receive(*model_msg(spec=ModelSpec("softmax", 5, 3))[:2]) == []
+    assert c.receive(*model_msg(spec=ModelSpec("linear", 4, 1))[:2]) == []
+    assert c.rejected["incompatible_model"] == 1 and c.rejected["unsupported_model"] == 1
+    assert c.model_msg is None
+
+
+def test_an_older_model_does_not_replace_a_newer_one():
+    c = core()
+    c.receive(*model_msg(round_=4)[:2])
+    c.receive(*model_msg(round_=2)[:2])
+    assert c.model_msg.round == 4 and c.rejected["old_model"] == 1
+
+
+def test_cleared_retained_messages_and_foreign_topics_are_ignored():
+    c = core()
+    assert c.receive(T.model, b"") == [] and c.receive("fl/other/model", b"\xc1") == []
+    assert not c.rejected
+
+
+def test_status_and_last_will():
+    c = core()
+    on, off = c.status("online"), c.status("offline")
+    assert on.retain and off.retain and on.topic == off.topic == T.status("me")
+    s = wire.decode(on.payload, expect="status")
+    assert s.state == "online" and s.num_samples == 40 and "softmax" in s.capabilities
+    assert wire.decode(off.payload).state == "offline"
+
+
+def test_bad_agent_id_is_refused():
+    with pytest.raises(ValueError):
+        AgentCore(agent_id="a/b", fed=FED, data=data())
