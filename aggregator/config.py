@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edge_agent.config import BrokerConfig
-from edge_agent.spec import MAX_DIM, MODEL_KINDS, ModelSpec
+from edge_agent.spec import MODEL_KINDS, ModelSpec, spec_problems
 from edge_agent.wire import valid_id
 
 from .strategies import STRATEGIES
@@ -30,15 +30,7 @@ class ModelConfig:
         return ModelSpec(self.kind, self.n_features, self.n_outputs, tuple(self.hidden))
 
     def problems(self) -> list[tuple[str, str]]:
-        if self.kind not in MODEL_KINDS:
-            return [("kind", f"must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")]
-        if not 1 <= self.n_features <= MAX_DIM:
-            return [("n_features", f"must be in 1..{MAX_DIM}, got {self.n_features}")]
-        try:
-            self.spec()
-        except ValueError as exc:
-            return [("kind" if "kind" in str(exc) else "hidden", str(exc))]
-        return []
+        return spec_problems(self.kind, self.n_features, self.n_outputs, tuple(self.hidden))
 
 
 @dataclass

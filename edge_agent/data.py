@@ -45,15 +45,21 @@ def load(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.
         raise DataError(f"{p}: no samples")
     if not np.isfinite(X).all():
         raise DataError(f"{p}: X contains NaN or Inf")
+    if y.dtype.kind not in "iuf":
+        raise DataError(f"{p}: y must hold numbers (class indices or regression targets), got dtype {y.dtype}")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise DataError(f"{p}: y contains NaN or Inf")
     return X, y
 
 
 def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
     # allow_pickle=False: a data file is not trusted to run code either.
     # numpy refuses object arrays (and unreadable files) with a bare
-    # ValueError/BadZipFile; turn those into a DataError naming the file.
+    # ValueError/BadZipFile/EOFError; turn those into a DataError naming the
+    # file. The file is opened here so that it is closed on those errors too
+    # (np.load leaks its own handle when a truncated zip fails to open).
     try:
-        with np.load(p, allow_pickle=False) as f:
+        with p.open("rb") as fh, np.load(fh, allow_pickle=False) as f:
             missing = {"X", "y"} - set(f.files)
             if missing:
                 raise DataError(f"{p}: missing array(s) {sorted(missing)} (has {f.files})")
@@ -61,7 +67,7 @@ def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
             y = f["y"]
     except DataError:
         raise
-    except (ValueError, TypeError, AttributeError, OSError, zipfile.BadZipFile) as exc:
+    except (ValueError, TypeError, AttributeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{p}: not a readable .npz of numeric arrays X and y ({exc})") from None
     if y.dtype.kind == "f" and np.all(y == np.round(y)):
         y = y.astype(np.int64)

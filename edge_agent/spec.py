@@ -40,32 +40,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("; ".join(f"{key}: {msg}" for key, msg in problems))
 
-    def problems(self) -> list[str]:
-        """Return every reason this spec is invalid (empty when it is valid)."""
-        out: list[str] = []
-        if self.kind not in MODEL_KINDS:
-            out.append(f"kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
-        for name in ("n_features", "n_outputs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
-                out.append(f"{name} must be an integer in 1..{MAX_DIM}, got {value!r}")
-        if not isinstance(self.hidden, tuple) or len(self.hidden) > MAX_HIDDEN_LAYERS:
-            out.append(f"hidden must be at most {MAX_HIDDEN_LAYERS} layer sizes")
-        elif any(not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= MAX_DIM for h in self.hidden):
-            out.append(f"hidden layer sizes must be integers in 1..{MAX_DIM}, got {list(self.hidden)}")
-        if self.kind == "mlp" and not self.hidden:
-            out.append("an mlp needs at least one hidden layer")
-        if self.kind != "mlp" and self.hidden:
-            out.append(f"hidden layers are only for kind 'mlp', not {self.kind!r}")
-        if not out and self.num_params() > MAX_PARAMS:
-            out.append(f"the model has {self.num_params()} parameters, more than the limit {MAX_PARAMS}")
-        if self.kind == "linear" and self.n_outputs != 1:
-            out.append("linear regression has n_outputs = 1")
-        if self.kind in ("softmax", "mlp") and self.n_outputs < 2:
-            out.append("a classifier needs n_outputs >= 2 classes")
-        return out
+    def problems(self) -> list[tuple[str, str]]:
+        """Every reason this spec is invalid, as (field, problem); empty when valid."""
+        return spec_problems(self.kind, self.n_features, self.n_outputs, self.hidden)
 
     def layer_sizes(self) -> list[int]:
         """Widths from input to output, e.g. [64, 32, 10] for one hidden layer."""
@@ -116,3 +95,31 @@ class ModelSpec:
             n_outputs=m.get("n_outputs"),  # type: ignore[arg-type]
             hidden=tuple(hidden),
         )
+
+
+def spec_problems(kind: object, n_features: object, n_outputs: object, hidden: object) -> list[tuple[str, str]]:
+    """Every reason these would make an invalid spec, as (field, problem); empty when valid."""
+    out: list[tuple[str, str]] = []
+    if kind not in MODEL_KINDS:
+        out.append(("kind", f"must be one of {', '.join(MODEL_KINDS)}, got {kind!r}"))
+    for name, value in (("n_features", n_features), ("n_outputs", n_outputs)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
+            out.append((name, f"must be an integer in 1..{MAX_DIM}, got {value!r}"))
+    if not isinstance(hidden, tuple) or len(hidden) > MAX_HIDDEN_LAYERS:
+        out.append(("hidden", f"must be at most {MAX_HIDDEN_LAYERS} layer sizes"))
+    elif any(not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= MAX_DIM for h in hidden):
+        out.append(("hidden", f"layer sizes must be integers in 1..{MAX_DIM}, got {list(hidden)}"))
+    if kind == "mlp" and not hidden:
+        out.append(("hidden", "an mlp needs at least one hidden layer"))
+    if kind != "mlp" and hidden:
+        out.append(("hidden", f"hidden layers are only for kind 'mlp', not {kind!r}"))
+    if not out:
+        sizes = [n_features, *hidden, n_outputs]
+        total = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        if total > MAX_PARAMS:
+            out.append(("hidden", f"the model has {total} parameters, more than the limit {MAX_PARAMS}"))
+    if kind == "linear" and n_outputs != 1:
+        out.append(("n_outputs", "linear regression has n_outputs = 1"))
+    if kind in ("softmax", "mlp") and isinstance(n_outputs, int) and n_outputs < 2:
+        out.append(("n_outputs", "a classifier needs n_outputs >= 2 classes"))
+    return out
