@@ -7,8 +7,8 @@ import logging
 import signal
 import sys
 
-from edge_agent.cli import setup_logging, stop_on_signals
-from edge_agent.config import BrokerConfig, add_flags, flag_overrides, load, parse_hostport
+from edge_agent.cli import config_from_args, setup_logging, stop_on_signals
+from edge_agent.config import BrokerConfig, parse_hostport
 from edge_agent.data import DataError
 from edge_agent.mqtt import Loop
 
@@ -90,18 +90,9 @@ def aggregator_main(argv: list[str]) -> int:
     """``fedmqtt aggregator``: the service, in the foreground (systemd runs exactly this)."""
     from .service import AggregatorService
 
-    p = argparse.ArgumentParser(prog="fedmqtt aggregator", description="Run the aggregator service.")
-    p.add_argument("--config", help="aggregator.toml (see deploy/aggregator.toml)")
-    p.add_argument("--broker", metavar="HOST:PORT", help="shorthand for --broker-host and --broker-port")
-    p.add_argument("-v", "--verbose", action="count", default=1)
-    add_flags(p, AggregatorConfig)
-    a = p.parse_args(argv)
-    setup_logging(a.verbose)
-    overrides = flag_overrides(a)
-    if a.broker:
-        host, port = parse_hostport(a.broker)
-        overrides.update({"broker.host": host, "broker.port": str(port)})
-    cfg = load(AggregatorConfig, a.config, overrides)
+    cfg = config_from_args(
+        AggregatorConfig, "fedmqtt aggregator", "Run the aggregator service.", "deploy/aggregator.toml", argv
+    )
     loop = Loop()
     service = AggregatorService(cfg, loop, on_finished=lambda r: loop.stop())
     service.start()

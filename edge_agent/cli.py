@@ -12,8 +12,12 @@ import logging
 import signal
 import sys
 
+from typing import TypeVar
+
 from . import __version__
-from .config import ConfigError
+from .config import ConfigError, add_flags, flag_overrides, load, parse_hostport
+
+T = TypeVar("T")
 
 USAGE = """usage: fedmqtt {demo,aggregator,agent,sim} ...
 
@@ -38,6 +42,25 @@ def stop_on_signals(stop) -> None:
     """Call ``stop()`` on SIGTERM and SIGINT (systemd stop, Ctrl-C)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
+
+
+def config_from_args(cls: type[T], prog: str, description: str, example: str, argv: list[str]) -> T:
+    """Parse ``--config FILE``, ``--broker HOST:PORT``, ``-v`` and a flag per config key; load ``cls``.
+
+    The one path from a command line to a config object, for every service command.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help=f"TOML config file (see {example})")
+    p.add_argument("--broker", metavar="HOST:PORT", help="shorthand for --broker-host and --broker-port")
+    p.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug)")
+    add_flags(p, cls)
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    overrides = flag_overrides(args)
+    if args.broker:
+        host, port = parse_hostport(args.broker)
+        overrides.update({"broker.host": host, "broker.port": str(port)})
+    return load(cls, args.config, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,22 +91,10 @@ def agent_main(argv: list[str]) -> int:
     """``fedmqtt agent``: one device."""
     from .agent import AgentCore, AgentRunner
     from .agent_config import AgentConfig
-    from .config import add_flags, flag_overrides, load, parse_hostport
     from .data import DataError, load as load_data, split_holdout
     from .mqtt import Loop
 
-    p = argparse.ArgumentParser(prog="fedmqtt agent", description="Run one edge agent.")
-    p.add_argument("--config", help="agent.toml (see deploy/agent.toml)")
-    p.add_argument("--broker", metavar="HOST:PORT", help="shorthand for --broker-host and --broker-port")
-    p.add_argument("-v", "--verbose", action="count", default=1)
-    add_flags(p, AgentConfig)
-    args = p.parse_args(argv)
-    setup_logging(args.verbose)
-    overrides = flag_overrides(args)
-    if args.broker:
-        host, port = parse_hostport(args.broker)
-        overrides.update({"broker.host": host, "broker.port": str(port)})
-    cfg = load(AgentConfig, args.config, overrides)
+    cfg = config_from_args(AgentConfig, "fedmqtt agent", "Run one edge agent.", "deploy/agent.toml", argv)
     try:
         X, y = load_data(cfg.data, cfg.label_column)
     except DataError as exc:

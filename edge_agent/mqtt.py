@@ -48,6 +48,12 @@ MISC_INTERVAL_S = 1.0
 # Queued callbacks run per loop pass, so long work (training) never starves
 # the sockets of the other clients for more than one job.
 JOBS_PER_PASS = 1
+# On stop, how long to keep serving sockets so that every QoS 1 publish is
+# acknowledged before DISCONNECT. Closing a socket with unread PUBACKs in it
+# makes the kernel send RST, and the broker may then drop publishes it had
+# received but not yet read (seen: the final "done" task lost). Loopback
+# needs milliseconds; the bound covers a slow link without hanging a stop.
+CLOSE_FLUSH_S = 5.0
 
 
 @dataclass
@@ -138,15 +144,7 @@ class Loop:
             while not self._stopping:
                 now = time.monotonic()
                 timeout = 0.0 if self._jobs else max(0.0, min(next_misc, self._next_timer()) - now)
-                for key, mask in self.selector.select(timeout):
-                    if key.data is None:
-                        self._drain_wakeups()
-                        continue
-                    conn: Connection = key.data
-                    if mask & selectors.EVENT_READ:
-                        conn.client.loop_read()
-                    if mask & selectors.EVENT_WRITE:
-                        conn.client.loop_write()
+                self._serve(self.selector.select(timeout))
                 with self._lock:
                     while self._incoming:
                         self._jobs.append(self._incoming.popleft())
@@ -175,18 +173,31 @@ class Loop:
 
     def _shutdown(self) -> None:
         for conn in self.connections:
-            conn.close()
-        # Give the DISCONNECT packets a moment to leave (bounded).
+            conn.begin_close()
+        # Serve the sockets until every QoS 1 publish is acknowledged (bounded).
+        deadline = time.monotonic() + CLOSE_FLUSH_S
+        while time.monotonic() < deadline and any(c.unacknowledged() for c in self.connections):
+            self._serve(self.selector.select(0.05))
+        for conn in self.connections:
+            conn.finish_close()
+        # paho closes each socket once its DISCONNECT is written; give that a moment.
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and any(c.client.want_write() for c in self.connections):
-            for key, mask in self.selector.select(0.05):
-                if key.data is not None and mask & selectors.EVENT_WRITE:
-                    key.data.client.loop_write()
-        for conn in self.connections:
-            conn.client.loop_misc()
+            self._serve(self.selector.select(0.05))
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _serve(self, events: list) -> None:
+        for key, mask in events:
+            if key.data is None:
+                self._drain_wakeups()
+                continue
+            conn: Connection = key.data
+            if mask & selectors.EVENT_READ:
+                conn.client.loop_read()
+            if mask & selectors.EVENT_WRITE:
+                conn.client.loop_write()
 
 
 def _guard(fn: Callable[[], None], what: str) -> None:
@@ -218,8 +229,10 @@ class Connection:
         self._backoff = RECONNECT_MIN_S
         self._session_expiry_s = session_expiry_s
         self.will = will
+        self._inflight: list[paho.MQTTMessageInfo] = []
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         c.max_queued_messages_set(MAX_QUEUED_MESSAGES)
+        c.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG (-vv)
         if broker.username:
             c.username_pw_set(broker.username, broker.password or None)
         if will is not None:
@@ -246,20 +259,39 @@ class Connection:
     def publish(self, msg: Publish) -> None:
         """Queue a publish (from the loop thread). Dropped with a log line if paho refuses it."""
         info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        if msg.qos > 0 and info.rc == paho.MQTT_ERR_SUCCESS:
+            self._inflight = [i for i in self._inflight if not i.is_published()]
+            self._inflight.append(info)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s refused: %s", self.client_id, msg.topic, paho.error_string(info.rc))
 
     def close(self) -> None:
-        """Disconnect cleanly.
+        """Disconnect cleanly at once (see :meth:`Loop.stop` for the graceful path)."""
+        self.begin_close()
+        self.finish_close()
+
+    def begin_close(self) -> None:
+        """Stop reconnecting and announce the departure.
 
         A clean DISCONNECT makes the broker discard the last will, so the will
-        (e.g. a retained "offline" status) is published explicitly first:
+        (e.g. a retained "offline" status) is published explicitly here:
         others must learn we left whether we crashed or were stopped.
         """
         self._closing = True
+        if self.connected and self.will is not None:
+            self.publish(self.will)
+
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes the broker has not acknowledged yet (0 when disconnected)."""
+        if not self.connected:
+            return 0
+        self._inflight = [i for i in self._inflight if not i.is_published()]
+        return len(self._inflight)
+
+    def finish_close(self) -> None:
+        """Send DISCONNECT."""
+        self._closing = True
         if self.connected:
-            if self.will is not None:
-                self.publish(self.will)
             self.client.disconnect()
 
     # -- connection management ------------------------------------------------
