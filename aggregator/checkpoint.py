@@ -82,3 +82,42 @@ def save_model(path: str | Path, spec: Mapping[str, Any], params: Mapping[str, n
     arrays = {k: np.asarray(v) for k, v in params.items()}
     arrays["spec"] = np.frombuffer(json.dumps({"spec": dict(spec), **info}).encode(), dtype=np.uint8)
     atomic_write(path, _npz_bytes(arrays))
+
+
+def load_global_model(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """(spec map, params, info) from a state directory, a checkpoint.npz or a model .npz.
+
+    ``info`` has federation, round and version. Raises ValueError naming the
+    file when it is none of these.
+    """
+    p = Path(path)
+    if p.is_dir():
+        state = load(p)
+        if state is None:
+            raise ValueError(f"{p}: no {CHECKPOINT_NAME} in this directory")
+        return state["spec"], state["params"], _info(state)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such file or directory")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            if "meta" in f.files:
+                return _from_checkpoint_file(p)
+            if "spec" not in f.files:
+                raise ValueError(f"{p}: neither a fedmqtt checkpoint nor a model .npz (no 'meta' or 'spec')")
+            meta = json.loads(bytes(f["spec"]).decode())
+            params = {k: f[k] for k in f.files if k != "spec"}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p}: cannot read ({exc})") from None
+    return meta["spec"], params, _info(meta)
+
+
+def _from_checkpoint_file(p: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    if p.name != CHECKPOINT_NAME:
+        raise ValueError(f"{p}: a checkpoint file must be named {CHECKPOINT_NAME} (or pass its directory)")
+    state = load(p.parent)
+    assert state is not None
+    return state["spec"], state["params"], _info(state)
+
+
+def _info(m: Mapping[str, Any]) -> dict[str, Any]:
+    return {"federation": m.get("federation", ""), "round": int(m.get("round", 0)), "version": m.get("version", "")}

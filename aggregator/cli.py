@@ -23,13 +23,19 @@ log = logging.getLogger(__name__)
 def main(command: str, argv: list[str]) -> int:
     """Run one aggregator-side subcommand; user errors become one line and exit code 2."""
     try:
-        return {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main}[command](argv)
-    except (BrokerError, DataError, PartitionError) as exc:
+        commands = {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main,
+                    "export": export_main, "serve-onnx": serve_onnx_main}
+        return commands[command](argv)
+    except (BrokerError, DataError, PartitionError, ExportError, TimeoutError) as exc:
         sys.stderr.write(f"fedmqtt {command}: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"fedmqtt {command}: interrupted\n")
         return 130
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported, with the reason."""
 
 
 def _positive_int(text: str) -> int:
@@ -137,3 +143,61 @@ def sim_main(argv: list[str]) -> int:
     finally:
         sim.stop()
     return 0
+
+
+def export_main(argv: list[str]) -> int:
+    """``fedmqtt export``: the ONNX model of any saved global model."""
+    from edge_agent.spec import ModelSpec
+
+    from .checkpoint import atomic_write, load_global_model
+    from .onnx_export import to_onnx_bytes
+
+    p = argparse.ArgumentParser(prog="fedmqtt export", description="Export a saved global model to ONNX.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a state directory, its checkpoint.npz, or a model .npz (e.g. fedmqtt-out/model.npz)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--class-labels", default="", help="comma-separated class names for the metadata")
+    a = p.parse_args(argv)
+    try:
+        spec_map, params, info = load_global_model(a.checkpoint)
+        spec = ModelSpec.from_wire(spec_map)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    labels = [x.strip() for x in a.class_labels.split(",") if x.strip()] or None
+    if labels is not None and len(labels) != spec.n_outputs:
+        raise ExportError(f"--class-labels: {len(labels)} names for {spec.n_outputs} classes")
+    data = to_onnx_bytes(spec, params, federation=info["federation"] or "unknown", round=info["round"],
+                         version=info["version"] or "unknown", class_labels=labels)
+    atomic_write(a.out, data)
+    sys.stdout.write(f"wrote {a.out}: {spec.kind} model of round {info['round']} ({len(data)} bytes)\n")
+    return 0
+
+
+def serve_onnx_main(argv: list[str]) -> int:
+    """``fedmqtt serve-onnx``: predictions from the current ONNX model, hot-swapped."""
+    from .serve_onnx import OnnxFollower, serve
+
+    p = argparse.ArgumentParser(
+        prog="fedmqtt serve-onnx",
+        description="Answer one CSV line per input row (round,label,probabilities... or round,prediction) "
+        "with the federation's current ONNX model, swapped in as new rounds arrive.",
+    )
+    p.add_argument("--broker", metavar="HOST:PORT", default="127.0.0.1:1883")
+    p.add_argument("--federation", "--fed", default="demo")
+    p.add_argument("--input", default="-", help="CSV rows of features (default: stdin, answered line by line)")
+    p.add_argument("--wait", type=_positive_float, default=60.0, help="seconds to wait for a first model")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    a = p.parse_args(argv)
+    setup_logging(a.verbose)
+    host, port = parse_hostport(a.broker)
+    follower = OnnxFollower(BrokerConfig(host=host, port=port), a.federation)
+    follower.start()
+    try:
+        if a.input == "-":
+            errors = serve(follower, sys.stdin, sys.stdout, a.wait)
+        else:
+            with open(a.input) as fh:
+                errors = serve(follower, fh, sys.stdout, a.wait)
+    finally:
+        follower.stop()
+    return 1 if errors else 0

@@ -78,6 +78,23 @@ class RoundConfig:
 
 
 @dataclass
+class OnnxConfig:
+    """ONNX export of the global model (needs the ``aggregator`` extra: onnx)."""
+
+    every: int = field(default=1, metadata={"help": "export every N closed rounds (0: never)"})
+    keep: int = field(default=0, metadata={"help": "model-r<round>.onnx files kept in state_dir (0: all)"})
+    class_labels: list[str] = field(default_factory=list, metadata={"help": "class names for the metadata (default 0..n-1)"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.every < 0:
+            out.append(("every", f"must be >= 0, got {self.every}"))
+        if self.keep < 0:
+            out.append(("keep", f"must be >= 0, got {self.keep}"))
+        return out
+
+
+@dataclass
 class AggregatorConfig:
     """Everything the aggregator service needs."""
 
@@ -90,6 +107,7 @@ class AggregatorConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -102,4 +120,7 @@ class AggregatorConfig:
             out.append(("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"))
         if not self.state_dir:
             out.append(("state_dir", "must not be empty"))
+        labels = self.onnx.class_labels
+        if labels and (self.model.kind == "linear" or len(labels) != self.model.n_outputs):
+            out.append(("onnx.class_labels", f"needs one name per class ({self.model.n_outputs}), got {len(labels)}"))
         return out

@@ -32,6 +32,7 @@ from .broker import LocalBroker
 from .config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
 from .coordinator import RoundClosed, RoundSummary
 from .datasets import federated_digits
+from .onnx_export import to_onnx_bytes
 from .service import AggregatorService
 from .sim import Simulation
 
@@ -160,9 +161,13 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         out=Path(opts.out),
     )
     write_outputs(result, config, final)
+    where = result.out.resolve()
     out.write(
         f"\nfinal global accuracy {result.final_accuracy:.4f}  |  centralized baseline {baseline:.4f}  "
-        f"|  {result.seconds:.1f}s\noutput: {result.out.resolve()}/ (model.npz, metrics.csv, accuracy.png)\n"
+        f"|  {result.seconds:.1f}s\noutput: {where}/ (model.npz, model.onnx, metrics.csv, accuracy.png)\n"
+        f"run the ONNX model: {sys.executable} -c \"import onnxruntime as rt, numpy as np; "
+        f"s = rt.InferenceSession('{where}/model.onnx'); "
+        f"print(s.run(None, {{'input': np.zeros((1, 64), np.float32)}})[1])\"\n"
     )
     return result
 
@@ -200,13 +205,18 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 
 def write_outputs(result: DemoResult, config: AggregatorConfig, params: dict[str, np.ndarray]) -> None:
-    """model.npz, metrics.csv and accuracy.png in the output directory."""
+    """model.npz, model.onnx, metrics.csv and accuracy.png in the output directory."""
     out = result.out
     out.mkdir(parents=True, exist_ok=True)
     last = result.rounds[-1]
     checkpoint.save_model(
         out / "model.npz", config.model.spec().to_wire(), params,
         federation=config.federation, round=last.round, version=last.version,
+    )
+    checkpoint.atomic_write(
+        out / "model.onnx",
+        to_onnx_bytes(config.model.spec(), params, federation=config.federation, round=last.round,
+                      version=last.version),
     )
     names = sorted({k for s in result.rounds for k in s.metrics})
     with (out / "metrics.csv").open("w", newline="") as fh:

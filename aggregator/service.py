@@ -19,6 +19,7 @@ from edge_agent.mqtt import Connection, Loop, Publish
 
 from . import checkpoint
 from .config import AggregatorConfig
+from .onnx_publish import OnnxPublisher
 from .coordinator import (
     Action,
     Coordinator,
@@ -60,6 +61,7 @@ class AggregatorService:
         if state is not None:
             log.info("resuming from %s at round %d", Path(config.state_dir) / checkpoint.CHECKPOINT_NAME, state["round"])
         self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state)
+        self.onnx = OnnxPublisher(config) if config.onnx.every else None
         self.conn = Connection(loop, config.broker, client_id=f"fedmqtt-aggregator-{config.federation}", handler=self)
         self._started = False
 
@@ -74,13 +76,18 @@ class AggregatorService:
         return [t.statuses, t.updates]
 
     def on_connected(self, conn: Connection) -> None:
+        c = self.coordinator
         if not self._started:
             self._started = True
-            self._execute(self.coordinator.start(self.clock()))
+            actions = c.start(self.clock())
+            # The retained ONNX model always matches the retained model.
+            if self.onnx is not None:
+                actions.insert(1, self.onnx.export(c.round, c.version, c.params))
+            self._execute(actions)
         else:
-            # After a reconnect, make sure the retained model is current (a
+            # After a reconnect, make sure the retained models are current (a
             # broker restart without persistence forgets retained messages).
-            self._execute([self.coordinator.model_publish()])
+            self._execute([c.model_publish(), *([self.onnx.last] if self.onnx and self.onnx.last else [])])
 
     def on_message(self, conn: Connection, topic: str, payload: bytes) -> None:
         self._execute(self.coordinator.receive(topic, payload, self.clock()))
@@ -92,6 +99,9 @@ class AggregatorService:
             elif isinstance(a, Publish):
                 self.conn.publish(a)
             elif isinstance(a, RoundClosed):
+                s = a.summary
+                if self.onnx is not None and self.onnx.due(s.round):
+                    self.conn.publish(self.onnx.export(s.round, s.version, self.coordinator.params))
                 if self.on_round is not None:
                     self.on_round(a)
             elif isinstance(a, RoundAbandoned):

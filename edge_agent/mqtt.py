@@ -58,12 +58,19 @@ CLOSE_FLUSH_S = 5.0
 
 @dataclass
 class Publish:
-    """Action: publish ``payload`` on ``topic``."""
+    """Action: publish ``payload`` on ``topic``.
+
+    ``user_properties`` become MQTT v5 user properties and ``content_type``
+    the v5 content type: metadata that travels beside a payload that is not
+    ours to wrap (raw ONNX bytes).
+    """
 
     topic: str
     payload: bytes
     qos: int = 1
     retain: bool = False
+    user_properties: tuple[tuple[str, str], ...] = ()
+    content_type: str = ""
 
 
 class Handler(Protocol):
@@ -258,7 +265,14 @@ class Connection:
 
     def publish(self, msg: Publish) -> None:
         """Queue a publish (from the loop thread). Dropped with a log line if paho refuses it."""
-        info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        props = None
+        if msg.user_properties or msg.content_type:
+            props = Properties(PacketTypes.PUBLISH)
+            if msg.user_properties:
+                props.UserProperty = list(msg.user_properties)
+            if msg.content_type:
+                props.ContentType = msg.content_type
+        info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props)
         if msg.qos > 0 and info.rc == paho.MQTT_ERR_SUCCESS:
             self._inflight = [i for i in self._inflight if not i.is_published()]
             self._inflight.append(info)

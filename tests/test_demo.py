@@ -42,6 +42,19 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     with np.load(tmp_path / "out" / "model.npz", allow_pickle=False) as f:
         meta = json.loads(bytes(f["spec"]).decode())
         assert f["W0"].shape == (64, 10) and meta["spec"]["kind"] == "softmax" and meta["round"] == 4
+        params = {"W0": f["W0"], "b0": f["b0"]}
+    # model.onnx is the same model: identical labels on the test digits
+    import onnxruntime as ort
+
+    from aggregator.datasets import load_digits_split
+    from edge_agent.models import Model
+    from edge_agent.spec import ModelSpec
+
+    X_test = load_digits_split(0)[2]
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    labels = sess.run(None, {"input": X_test})[1]
+    np.testing.assert_array_equal(labels, Model(ModelSpec("softmax", 64, 10)).predict(params, X_test))
+    assert "run the ONNX model:" in text
 
 
 def test_demo_with_mlp_and_shards_on_an_external_broker(tmp_path, broker):

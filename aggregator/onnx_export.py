@@ -1,0 +1,120 @@
+"""ONNX export of a global model, built with the ``onnx`` package (helper, numpy_helper).
+
+Graph contract (docs/PROTOCOL.md §ONNX): one input ``input`` float32
+``[batch, n_features]`` with a dynamic batch dimension. Classifiers (softmax,
+mlp) output ``probabilities`` float32 ``[batch, classes]`` and ``label``
+int64 ``[batch]`` (argmax of the logits, exactly as the numpy model);
+linear regression outputs ``prediction`` float32 ``[batch]``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_agent import __version__
+from edge_agent.spec import ModelSpec
+
+# IR 8 / opset 17: the onnx package stamps its newest IR version by default,
+# which older onnxruntime builds refuse ("Unsupported model IR version").
+# IR 8 with opset 17 loads on every onnxruntime since 1.12 (2022), so a
+# gateway or phone with a years-old runtime can still serve our models, and
+# opset 17 has everything used here (Softmax on axis -1, ArgMax, Squeeze
+# with axes as an input).
+IR_VERSION = 8
+OPSET = 17
+
+INPUT = "input"
+PROBABILITIES = "probabilities"
+LABEL = "label"
+PREDICTION = "prediction"
+BATCH = "batch"
+
+
+def to_onnx(
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    *,
+    federation: str,
+    round: int,
+    version: str,
+    class_labels: list[str] | None = None,
+    created: _dt.datetime | None = None,
+) -> onnx.ModelProto:
+    """The ONNX model of ``params``, with fedmqtt metadata, checked by ``onnx.checker``."""
+    nodes: list[onnx.NodeProto] = []
+    inits = [numpy_helper.from_array(np.asarray(params[name], dtype=np.float32), name) for name in spec.param_shapes()]
+    n_layers = len(spec.layer_sizes()) - 1
+    h = INPUT
+    for i in range(n_layers):
+        mm, z = f"matmul{i}", f"z{i}"
+        nodes.append(helper.make_node("MatMul", [h, f"W{i}"], [mm], name=f"MatMul{i}"))
+        nodes.append(helper.make_node("Add", [mm, f"b{i}"], [z], name=f"Add{i}"))
+        h = z
+        if i < n_layers - 1:
+            nodes.append(helper.make_node("Relu", [z], [f"relu{i}"], name=f"Relu{i}"))
+            h = f"relu{i}"
+    if spec.kind == "linear":
+        inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "squeeze_axes"))
+        nodes.append(helper.make_node("Squeeze", [h, "squeeze_axes"], [PREDICTION], name="Squeeze"))
+        outputs = [helper.make_tensor_value_info(PREDICTION, TensorProto.FLOAT, [BATCH])]
+        what = f"linear regression on {spec.n_features} features"
+    else:
+        nodes.append(helper.make_node("Softmax", [h], [PROBABILITIES], axis=-1, name="Softmax"))
+        nodes.append(helper.make_node("ArgMax", [h], [LABEL], axis=1, keepdims=0, name="ArgMax"))
+        outputs = [
+            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [BATCH, spec.n_outputs]),
+            helper.make_tensor_value_info(LABEL, TensorProto.INT64, [BATCH]),
+        ]
+        arch = "softmax regression" if spec.kind == "softmax" else f"MLP {spec.layer_sizes()} with ReLU"
+        what = f"{arch}, {spec.n_features} features, {spec.n_outputs} classes"
+    graph = helper.make_graph(
+        nodes,
+        f"fedmqtt_{spec.kind}",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [BATCH, spec.n_features])],
+        outputs,
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        producer_name="fedmqtt",
+        producer_version=__version__,
+        ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        doc_string=(
+            f"fedmqtt global model of federation {federation!r} after round {round} "
+            f"(version {version}): {what}. Input '{INPUT}' float32 [batch, {spec.n_features}]."
+        ),
+    )
+    labels = class_labels if class_labels is not None else [str(c) for c in range(spec.n_outputs)]
+    created = created or _dt.datetime.now(_dt.timezone.utc)
+    meta = {
+        "fedmqtt_version": __version__,
+        "federation": federation,
+        "round": str(round),
+        "model_version": version,
+        "model_kind": spec.kind,
+        "n_features": str(spec.n_features),
+        "n_outputs": str(spec.n_outputs),
+        "hidden": json.dumps(list(spec.hidden)),
+        "class_labels": json.dumps(labels if spec.kind != "linear" else []),
+        "created": created.isoformat(timespec="seconds"),
+    }
+    helper.set_model_props(model, meta)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def to_onnx_bytes(spec: ModelSpec, params: Mapping[str, np.ndarray], **info) -> bytes:
+    """Serialized :func:`to_onnx`."""
+    return to_onnx(spec, params, **info).SerializeToString()
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The ``metadata_props`` of a model as a dict."""
+    return {p.key: p.value for p in model.metadata_props}
