@@ -78,6 +78,22 @@ class RoundConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """The aggregation rule and its hyperparameters (docs/strategies.md)."""
+
+    name: str = field(default="fedavg", metadata={"help": f"aggregation rule: {'|'.join(STRATEGIES)}"})
+    prox_mu: float = field(default=0.0, metadata={"help": "FedProx proximal term mu sent to the agents (0: off)"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.name not in STRATEGIES:
+            out.append(("name", f"must be one of {', '.join(STRATEGIES)}, got {self.name!r}"))
+        if not 0.0 <= self.prox_mu <= 1e6:
+            out.append(("prox_mu", f"must be >= 0, got {self.prox_mu}"))
+        return out
+
+
+@dataclass
 class OnnxConfig:
     """ONNX export of the global model (needs the ``aggregator`` extra: onnx)."""
 
@@ -100,13 +116,13 @@ class AggregatorConfig:
 
     federation: str = field(default="demo", metadata={"help": "federation id ([A-Za-z0-9_-]{1,64})"})
     rounds: int = field(default=20, metadata={"help": "rounds to run (0: run until stopped)"})
-    strategy: str = field(default="fedavg", metadata={"help": f"aggregation rule: {'|'.join(STRATEGIES)}"})
     state_dir: str = field(default="fedmqtt-state", metadata={"help": "checkpoint directory"})
     test_data: str = field(default="", metadata={"help": "optional central test set (.npz or .csv)"})
     label_column: str = field(default="label", metadata={"help": "label column of a .csv test set"})
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
@@ -116,8 +132,6 @@ class AggregatorConfig:
             out.append(("federation", f"must match [A-Za-z0-9_-]{{1,64}}, got {self.federation!r}"))
         if self.rounds < 0:
             out.append(("rounds", f"must be >= 0, got {self.rounds}"))
-        if self.strategy not in STRATEGIES:
-            out.append(("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"))
         if not self.state_dir:
             out.append(("state_dir", "must not be empty"))
         labels = self.onnx.class_labels

@@ -228,7 +228,7 @@ class Coordinator:
             return self._reject("stale_base", f"update from {agent} on base {msg.base}, current {self.version}")
         if agent in o.received:
             return self._reject("duplicate", f"second update from {agent} in round {o.round}")
-        self.strategy.add(msg.delta, msg.num_samples)
+        self.strategy.add(msg.delta, float(msg.num_samples), msg.metrics)
         o.received.add(agent)
         self.accepted += 1
         self._add_metrics(o, msg)
@@ -293,7 +293,9 @@ class Coordinator:
             attempt=self.attempt,
             deadline=self.open.deadline,
             selected=selected,
-            config=wire.TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr),
+            config=wire.TrainConfig(
+                epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu
+            ),
         )
         return [Publish(self.topics.task, wire.encode(task), qos=1, retain=True)]
 

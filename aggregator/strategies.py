@@ -9,9 +9,12 @@ running float64 weighted sum, never the individual updates.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import StrategyConfig
 
 Params = dict[str, np.ndarray]
 
@@ -28,8 +31,13 @@ class Strategy(ABC):
         """Start a round on top of ``global_params`` (drops anything accumulated)."""
 
     @abstractmethod
-    def add(self, delta: Mapping[str, np.ndarray], num_samples: int) -> None:
-        """Fold one accepted update (``local - global``) into the round."""
+    def add(self, delta: Mapping[str, np.ndarray], weight: float, metrics: Mapping[str, float] | None = None) -> None:
+        """Fold one accepted update (``local - global``) into the round.
+
+        ``weight`` is the update's sample count (times a staleness factor in
+        asynchronous mode); rules that average uniformly ignore it.
+        ``metrics`` are the agent's reported metrics (rules may ignore them).
+        """
 
     @abstractmethod
     def result(self, global_params: Mapping[str, np.ndarray]) -> Params:
@@ -73,8 +81,8 @@ class FedAvg(Strategy):
         self._total = 0.0
         self.count = 0
 
-    def add(self, delta: Mapping[str, np.ndarray], num_samples: int) -> None:
-        w = float(num_samples) if self.weighted else 1.0
+    def add(self, delta: Mapping[str, np.ndarray], weight: float, metrics: Mapping[str, float] | None = None) -> None:
+        w = float(weight) if self.weighted else 1.0
         for k, acc in self._sum.items():
             # Widen into a preallocated float64 buffer, scale, add: no
             # allocation per update whatever the model size, and the product
@@ -100,13 +108,13 @@ class FedAvg(Strategy):
             }
 
 
-def make_strategy(name: str, **options: Any) -> Strategy:
-    """Build a strategy from its config name."""
-    if name == "fedavg":
-        return FedAvg(weighted=True)
-    if name == "fedavg_unweighted":
-        return FedAvg(weighted=False)
-    raise ValueError(f"unknown strategy {name!r} (known: fedavg, fedavg_unweighted)")
-
-
 STRATEGIES = ("fedavg", "fedavg_unweighted")
+
+
+def make_strategy(config: "StrategyConfig") -> Strategy:
+    """Build the strategy a ``[strategy]`` config section names."""
+    if config.name == "fedavg":
+        return FedAvg(weighted=True)
+    if config.name == "fedavg_unweighted":
+        return FedAvg(weighted=False)
+    raise ValueError(f"unknown strategy {config.name!r} (known: {', '.join(STRATEGIES)})")

@@ -93,6 +93,8 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 32
     lr: float = 0.1
+    # FedProx (Li et al. 2020): weight of the proximal term mu/2 ||w - w_global||^2.
+    prox_mu: float = 0.0
 
 
 @dataclass
@@ -286,7 +288,12 @@ def encode(msg: Message) -> bytes:
             "attempt": msg.attempt,
             "deadline": float(msg.deadline),
             "selected": list(msg.selected),
-            "config": {"epochs": msg.config.epochs, "batch_size": msg.config.batch_size, "lr": float(msg.config.lr)},
+            "config": {
+                "epochs": msg.config.epochs,
+                "batch_size": msg.config.batch_size,
+                "lr": float(msg.config.lr),
+                "prox_mu": float(msg.config.prox_mu),
+            },
         }
     elif isinstance(msg, UpdateMsg):
         body = {
@@ -409,7 +416,12 @@ def decode(
             raise WireError("bad_field", "task.selected must be a list of agent ids")
         cfg = r.get("config", dict)
         c = _Reader(cfg, "task.config")
-        config = TrainConfig(epochs=c.pos_int("epochs"), batch_size=c.pos_int("batch_size"), lr=c.pos_float("lr"))
+        config = TrainConfig(
+            epochs=c.pos_int("epochs"),
+            batch_size=c.pos_int("batch_size"),
+            lr=c.pos_float("lr"),
+            prox_mu=c.nonneg_float("prox_mu") if "prox_mu" in cfg else 0.0,
+        )
         msg = TaskMsg(
             fed=msg_fed,
             round=rnd,
@@ -505,6 +517,12 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise WireError("bad_field", f"{self.where}.{key} must be a finite number")
         return float(value)
+
+    def nonneg_float(self, key: str) -> float:
+        value = self.number(key)
+        if value < 0:
+            raise WireError("bad_field", f"{self.where}.{key} must be >= 0, got {value}")
+        return value
 
     def pos_float(self, key: str) -> float:
         value = self.number(key)

@@ -28,8 +28,10 @@ FEDMQTT = Path(sys.executable).parent / "fedmqtt"
 AGGREGATOR_TOML = """\
 federation = "plant-7"
 rounds = 12
-strategy = "fedavg_unweighted"
 state_dir = "/var/lib/fedmqtt"
+
+[strategy]
+name = "fedavg_unweighted"
 
 [model]
 kind = "mlp"
@@ -92,7 +94,7 @@ def test_load_aggregator_config(tmp_path):
     cfg = load(AggregatorConfig, _toml(tmp_path, AGGREGATOR_TOML))
     assert cfg.federation == "plant-7"
     assert cfg.rounds == 12
-    assert cfg.strategy == "fedavg_unweighted"
+    assert cfg.strategy.name == "fedavg_unweighted"
     assert cfg.state_dir == "/var/lib/fedmqtt"
     assert cfg.model == ModelConfig(kind="mlp", n_features=64, n_outputs=10, hidden=[32, 16], seed=3)
     assert cfg.model.spec().param_shapes()["W1"] == (32, 16)
@@ -195,7 +197,7 @@ def test_wrong_bool_type_in_agent_config(tmp_path):
         ('federation = "bad id!"\n', "federation"),
         ('federation = ""\n', "federation"),
         ("rounds = -1\n", "rounds"),
-        ('strategy = "median"\n', "strategy"),
+        ('[strategy]\nname = "nonsense"\n', "strategy.name"),
         ('state_dir = ""\n', "state_dir"),
         ("[training]\nlr = 0\n", "training.lr"),
         ("[training]\nepochs = 0\n", "training.epochs"),

@@ -40,7 +40,7 @@ def run_fedavg(rounds: int = ROUNDS) -> list[dict[str, float]]:
                 model, global_params, agent.X_train, agent.y_train, config,
                 round_seed(agent_seed(SEED, i), round_number),
             )
-            strategy.add(subtract(local, global_params), agent.num_samples)
+            strategy.add(subtract(local, global_params), float(agent.num_samples))
         global_params = strategy.result(global_params)
         history.append(model.evaluate(global_params, data.X_test, data.y_test))
     return history

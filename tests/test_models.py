@@ -413,3 +413,30 @@ def test_spec_from_wire_rejects(wire, fragment):
     with pytest.raises(ValueError) as info:
         ModelSpec.from_wire(wire)
     assert fragment in str(info.value)
+
+
+def test_fedprox_proximal_term_pulls_towards_the_start_and_zero_mu_is_plain_sgd():
+    from edge_agent.training import train_local
+    from edge_agent.wire import TrainConfig
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    model = Model(ModelSpec("softmax", 5, 2))
+    start = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.init_params(0).items()}
+
+    def dist(p):
+        return float(sum(np.sum((p[k] - start[k]) ** 2) for k in p))
+
+    plain, _ = train_local(model, start, X, y, TrainConfig(10, 8, 0.1), 1)
+    zero, _ = train_local(model, start, X, y, TrainConfig(10, 8, 0.1, prox_mu=0.0), 1)
+    prox, _ = train_local(model, start, X, y, TrainConfig(10, 8, 0.1, prox_mu=1.0), 1)
+    strong, _ = train_local(model, start, X, y, TrainConfig(10, 8, 0.1, prox_mu=5.0), 1)
+    for k in plain:
+        np.testing.assert_array_equal(plain[k], zero[k])
+    assert dist(strong) < dist(prox) < dist(plain)
+    # one step by hand: the gradient gains mu * (w - w_start), which is 0 on the first step
+    one, _ = train_local(model, start, X[:8], y[:8], TrainConfig(1, 8, 0.5, prox_mu=3.0), 1)
+    _, g = model.loss_and_grads(start, X[:8][np.random.default_rng(1).permutation(8)], y[:8][np.random.default_rng(1).permutation(8)])
+    for k in one:
+        np.testing.assert_allclose(one[k], start[k] - 0.5 * g[k], atol=1e-6)
