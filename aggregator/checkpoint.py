@@ -58,6 +58,15 @@ def save(state_dir: str | Path, state: Mapping[str, Any]) -> Path:
     meta["format"] = FORMAT
     meta["param_names"] = list(state["params"])
     arrays = {f"param/{k}": np.asarray(v) for k, v in state["params"].items()}
+    # Strategy state (momentum, moments) holds arrays: they go into the npz,
+    # the JSON keeps their names.
+    strategy = dict(meta.get("strategy", {}))
+    flat = dict(strategy.get("state", {}))
+    strategy["array_names"] = [k for k, v in flat.items() if isinstance(v, np.ndarray)]
+    for k in strategy["array_names"]:
+        arrays[f"strategy/{k}"] = flat.pop(k)
+    strategy["state"] = flat
+    meta["strategy"] = strategy
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path = Path(state_dir) / CHECKPOINT_NAME
     atomic_write(path, _npz_bytes(arrays))
@@ -74,6 +83,9 @@ def load(state_dir: str | Path) -> dict[str, Any] | None:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file")
         meta["params"] = {k: f[f"param/{k}"] for k in meta.pop("param_names")}
+        strategy = meta.get("strategy", {})
+        for k in strategy.pop("array_names", []):
+            strategy.setdefault("state", {})[k] = f[f"strategy/{k}"]
     return meta
 
 

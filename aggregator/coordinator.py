@@ -228,6 +228,8 @@ class Coordinator:
             return self._reject("stale_base", f"update from {agent} on base {msg.base}, current {self.version}")
         if agent in o.received:
             return self._reject("duplicate", f"second update from {agent} in round {o.round}")
+        if self.strategy.full():
+            return self._reject("round_full", f"update from {agent}: round {o.round} holds as many as the rule keeps")
         self.strategy.add(msg.delta, float(msg.num_samples), msg.metrics)
         o.received.add(agent)
         self.accepted += 1

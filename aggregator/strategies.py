@@ -43,8 +43,19 @@ class Strategy(ABC):
     def result(self, global_params: Mapping[str, np.ndarray]) -> Params:
         """The next global model (float32) from what was added this round."""
 
+    def full(self) -> bool:
+        """True when the rule cannot take another update this round.
+
+        Streaming rules never fill up. Rules that keep every update (median,
+        Krum, ...) have a configured cap, and the coordinator rejects updates
+        beyond it (reason ``round_full``) instead of growing without bound.
+        """
+        return False
+
     def state_dict(self) -> dict[str, Any]:
-        """Strategy state that must survive a restart (none for plain FedAvg)."""
+        """Strategy state that must survive a restart: a flat dict of numpy
+        arrays and JSON scalars (none for plain FedAvg). Checkpoints store the
+        arrays in the npz and the scalars in JSON."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

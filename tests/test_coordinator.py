@@ -321,3 +321,48 @@ def test_an_aggregate_that_overflows_float32_is_not_published():
     assert not published(actions, T.model)
     assert c.version == v_before and c.round == 1 and c.rejected["non_finite_aggregate"] == 1
     assert c.open.round == 2 and c.open.attempt == 1
+
+
+def test_strategy_state_with_arrays_survives_a_checkpoint_file(tmp_path):
+    from aggregator import checkpoint
+
+    class Momentum(FedAvg):
+        name = "momentum-test"
+
+        def __init__(self):
+            super().__init__()
+            self.m = {"W0": np.full((1, 1), 0.5), "b0": np.array([0.25])}
+            self.steps = 3
+
+        def state_dict(self):
+            return {"m/W0": self.m["W0"], "m/b0": self.m["b0"], "steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.m = {"W0": state["m/W0"], "b0": state["m/b0"]}
+            self.steps = state["steps"]
+
+    c = Coordinator(config(min_agents=1), Momentum())
+    c.start(0.0)
+    c.receive(*status("a0"), now=0.0)
+    ck = next(a for a in c.receive(*update(c, "a0", [1, 1]), now=1.0) if isinstance(a, SaveCheckpoint))
+    checkpoint.save(tmp_path, ck.state)
+    s = Momentum()
+    s.m, s.steps = {}, 0
+    resumed = Coordinator(config(min_agents=1), s, state=checkpoint.load(tmp_path))
+    assert resumed.round == 1 and s.steps == 3
+    np.testing.assert_array_equal(s.m["W0"], [[0.5]])
+    np.testing.assert_array_equal(s.m["b0"], [0.25])
+
+
+def test_updates_beyond_what_a_buffering_rule_keeps_are_rejected():
+    class KeepsTwo(FedAvg):
+        def full(self):
+            return self.count >= 2
+
+    c = Coordinator(config(min_agents=3), KeepsTwo())
+    c.start(0.0)
+    for i in range(3):
+        c.receive(*status(f"a{i}"), now=0.0)
+    c.receive(*update(c, "a0", [1, 1]), now=1.0)
+    c.receive(*update(c, "a1", [1, 1]), now=1.0)
+    _assert_rejected(c, "round_full", update(c, "a2", [1, 1]))
