@@ -7,6 +7,7 @@ a flag (``[round] timeout`` is ``--round-timeout``). See
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from edge_agent.config import BrokerConfig
@@ -37,14 +38,14 @@ class ModelConfig:
 class TrainingConfig:
     """Local training settings sent to the agents in every task."""
 
-    epochs: int = field(default=5, metadata={"help": "local epochs per round"})
+    epochs: int = field(default=5, metadata={"help": "local epochs per round (0: no training, protocol only)"})
     batch_size: int = field(default=32, metadata={"help": "local minibatch size"})
     lr: float = field(default=0.1, metadata={"help": "local SGD learning rate"})
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        if not 1 <= self.epochs <= 10_000:
-            out.append(("epochs", f"must be in 1..10000, got {self.epochs}"))
+        if not 0 <= self.epochs <= 10_000:
+            out.append(("epochs", f"must be in 0..10000, got {self.epochs}"))
         if not 1 <= self.batch_size <= 1_000_000:
             out.append(("batch_size", f"must be in 1..1000000, got {self.batch_size}"))
         if not 0 < self.lr <= 100:
@@ -52,22 +53,45 @@ class TrainingConfig:
         return out
 
 
+# Largest over-selection factor accepted: Bonawitz et al. use 1.3; beyond
+# 3x most of the selected devices' work would be thrown away.
+MAX_OVER_SELECT = 3.0
+ROUND_MODES = ("sync", "async")
+
+
 @dataclass
 class RoundConfig:
-    """When rounds open and close."""
+    """Which agents train in a round, and when a round closes (README: "Round settings")."""
 
-    min_agents: int = field(default=1, metadata={"help": "online agents needed before the first round opens"})
-    agents_per_round: int = field(default=0, metadata={"help": "agents selected per round (0: every online agent)"})
+    mode: str = field(default="sync", metadata={"help": "sync (rounds with deadlines) or async (FedBuff)"})
+    min_agents: int = field(default=1, metadata={"help": "eligible online agents needed before a round opens"})
+    agents_per_round: int = field(
+        default=0, metadata={"help": "target updates per round (0: every eligible online agent)"}
+    )
+    fraction: float = field(
+        default=0.0, metadata={"help": "target as a fraction of eligible online agents (used when agents_per_round = 0)"}
+    )
+    over_select: float = field(
+        default=1.3, metadata={"help": "select this many times the target, to absorb dropouts"}
+    )
     quorum: int = field(default=1, metadata={"help": "updates needed to close a round at its deadline"})
     timeout: float = field(default=60.0, metadata={"help": "seconds from opening a round to its deadline"})
     seed: int = field(default=0, metadata={"help": "seed of the agent selection"})
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        if self.mode not in ROUND_MODES:
+            out.append(("mode", f"must be one of {', '.join(ROUND_MODES)}, got {self.mode!r}"))
         if self.min_agents < 1:
             out.append(("min_agents", f"must be >= 1, got {self.min_agents}"))
         if self.agents_per_round < 0:
             out.append(("agents_per_round", f"must be >= 0, got {self.agents_per_round}"))
+        if not 0.0 <= self.fraction <= 1.0:
+            out.append(("fraction", f"must be in [0, 1], got {self.fraction}"))
+        if self.agents_per_round and self.fraction:
+            out.append(("fraction", "set agents_per_round or fraction, not both"))
+        if not 1.0 <= self.over_select <= MAX_OVER_SELECT:
+            out.append(("over_select", f"must be in [1, {MAX_OVER_SELECT}], got {self.over_select}"))
         if self.quorum < 1:
             out.append(("quorum", f"must be >= 1, got {self.quorum}"))
         if self.agents_per_round and self.quorum > self.agents_per_round:
@@ -78,11 +102,52 @@ class RoundConfig:
 
 
 @dataclass
+class FedBuffConfig:
+    """Asynchronous mode (FedBuff, Nguyen et al. 2022), used when ``[round] mode = "async"``."""
+
+    buffer: int = field(default=10, metadata={"help": "apply the buffered updates every K accepted updates"})
+    staleness_exponent: float = field(
+        default=0.5, metadata={"help": "update weight x (1 + staleness)^-p (FedBuff's polynomial p)"}
+    )
+    max_staleness: int = field(default=10, metadata={"help": "reject updates trained on a model this many versions old"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.buffer < 1:
+            out.append(("buffer", f"must be >= 1, got {self.buffer}"))
+        if not 0.0 <= self.staleness_exponent <= 10.0:
+            out.append(("staleness_exponent", f"must be in [0, 10], got {self.staleness_exponent}"))
+        if not 0 <= self.max_staleness <= 1000:
+            out.append(("max_staleness", f"must be in 0..1000, got {self.max_staleness}"))
+        return out
+
+
+@dataclass
 class StrategyConfig:
-    """The aggregation rule and its hyperparameters (docs/strategies.md)."""
+    """The aggregation rule and its hyperparameters (docs/strategies.md).
+
+    Every key is range-checked whatever the rule; a rule reads only its own
+    keys (the table in docs/strategies.md says which).
+    """
 
     name: str = field(default="fedavg", metadata={"help": f"aggregation rule: {'|'.join(STRATEGIES)}"})
-    prox_mu: float = field(default=0.0, metadata={"help": "FedProx proximal term mu sent to the agents (0: off)"})
+    prox_mu: float = field(default=0.0, metadata={"help": "FedProx proximal term mu sent to the agents (0: off; > 0 for fedprox)"})
+    server_lr: float = field(default=0.0, metadata={"help": "server learning rate eta of fedavgm|fedadam|fedyogi|fedadagrad "
+                                                            "(0: rule default, 1.0 for fedavgm, 0.1 for the adaptive rules)"})
+    momentum: float = field(default=0.9, metadata={"help": "fedavgm server momentum beta (Hsu et al. 2019)"})
+    beta1: float = field(default=0.9, metadata={"help": "fedadam|fedyogi|fedadagrad first-moment decay (Reddi et al. 2021)"})
+    beta2: float = field(default=0.99, metadata={"help": "fedadam|fedyogi second-moment decay (Reddi et al. 2021)"})
+    tau: float = field(default=1e-3, metadata={"help": "adaptive rules' epsilon tau; v starts at tau^2"})
+    trim_beta: float = field(default=0.1, metadata={"help": "trimmed_mean: fraction trimmed per side, 0 <= beta < 0.5"})
+    byzantine_f: int = field(default=1, metadata={"help": "krum|multi_krum: Byzantine updates tolerated (needs n > 2f + 2)"})
+    multi_krum_m: int = field(default=0, metadata={"help": "multi_krum: lowest-score updates averaged (0: n - f)"})
+    clip_norm: float = field(default=0.0, metadata={"help": "L2 bound on every whole delta before any rule (0: off)"})
+    # Rules that keep every update (median, trimmed_mean, krum, multi_krum)
+    # hold n x d float32 and Krum's distances cost O(n^2 d): 1000 updates of
+    # a 100k-parameter model are 400 MB, about what one aggregator host
+    # should spend. Bigger fleets select a sample per round (agents_per_round).
+    max_updates: int = field(default=1000, metadata={"help": "updates a buffering rule keeps per round; "
+                                                             "more are rejected as round_full"})
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -90,6 +155,34 @@ class StrategyConfig:
             out.append(("name", f"must be one of {', '.join(STRATEGIES)}, got {self.name!r}"))
         if not 0.0 <= self.prox_mu <= 1e6:
             out.append(("prox_mu", f"must be >= 0, got {self.prox_mu}"))
+        elif self.name == "fedprox" and self.prox_mu == 0.0:
+            out.append(("prox_mu", "must be > 0 for fedprox (with prox_mu = 0 it is plain fedavg)"))
+        if not 0.0 <= self.server_lr <= 1e3:
+            out.append(("server_lr", f"must be > 0 and <= 1000, or 0 for the rule default, got {self.server_lr}"))
+        if not 0.0 <= self.momentum < 1.0:
+            out.append(("momentum", f"must be in [0, 1), got {self.momentum}"))
+        if not 0.0 <= self.beta1 < 1.0:
+            out.append(("beta1", f"must be in [0, 1), got {self.beta1}"))
+        if not 0.0 <= self.beta2 < 1.0:
+            out.append(("beta2", f"must be in [0, 1), got {self.beta2}"))
+        if not 0.0 < self.tau <= 10.0:
+            out.append(("tau", f"must be > 0 and <= 10, got {self.tau}"))
+        if not 0.0 <= self.trim_beta < 0.5:
+            out.append(("trim_beta", f"must be in [0, 0.5), got {self.trim_beta}"))
+        if not 1 <= self.max_updates <= 1_000_000:
+            out.append(("max_updates", f"must be in 1..1000000, got {self.max_updates}"))
+        if self.byzantine_f < 0:
+            out.append(("byzantine_f", f"must be >= 0, got {self.byzantine_f}"))
+        elif self.name in ("krum", "multi_krum") and self.max_updates <= 2 * self.byzantine_f + 2:
+            out.append(("byzantine_f", f"krum needs more than 2f + 2 = {2 * self.byzantine_f + 2} updates, "
+                                       f"max_updates = {self.max_updates} never allows it"))
+        if self.multi_krum_m < 0:
+            out.append(("multi_krum_m", f"must be >= 0 (0: n - f), got {self.multi_krum_m}"))
+        elif self.name == "multi_krum" and self.multi_krum_m > self.max_updates - self.byzantine_f:
+            out.append(("multi_krum_m", f"must be <= max_updates - byzantine_f = "
+                                        f"{self.max_updates - self.byzantine_f}, got {self.multi_krum_m}"))
+        if not (0.0 <= self.clip_norm and math.isfinite(self.clip_norm)):
+            out.append(("clip_norm", f"must be a finite number >= 0 (0: off), got {self.clip_norm}"))
         return out
 
 
@@ -119,9 +212,14 @@ class AggregatorConfig:
     state_dir: str = field(default="fedmqtt-state", metadata={"help": "checkpoint directory"})
     test_data: str = field(default="", metadata={"help": "optional central test set (.npz or .csv)"})
     label_column: str = field(default="label", metadata={"help": "label column of a .csv test set"})
+    session_expiry: int = field(
+        default=86400,
+        metadata={"help": "seconds the broker keeps the aggregator's session (and updates sent to it) while it is down"},
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
+    fedbuff: FedBuffConfig = field(default_factory=FedBuffConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -134,6 +232,8 @@ class AggregatorConfig:
             out.append(("rounds", f"must be >= 0, got {self.rounds}"))
         if not self.state_dir:
             out.append(("state_dir", "must not be empty"))
+        if not 0 <= self.session_expiry <= 0xFFFFFFFF:
+            out.append(("session_expiry", f"must be in 0..4294967295 seconds, got {self.session_expiry}"))
         labels = self.onnx.class_labels
         if labels and (self.model.kind == "linear" or len(labels) != self.model.n_outputs):
             out.append(("onnx.class_labels", f"needs one name per class ({self.model.n_outputs}), got {len(labels)}"))

@@ -3,27 +3,40 @@
 Events in, actions out, as h11 does for HTTP: :meth:`Coordinator.start`,
 :meth:`Coordinator.receive` (a message arrived) and :meth:`Coordinator.tick`
 (time passed) each take the current time as an argument and return a list
-of actions (:class:`Publish`, :class:`SaveCheckpoint`, :class:`RoundClosed`,
-:class:`RoundAbandoned`, :class:`Finished`) for the adapter to carry out in
-order. There is no socket, thread or clock in here, so every rule below has
-a fast deterministic unit test and runs unchanged over a real broker.
+of actions (:class:`Publish`, :class:`Journal`, :class:`SaveCheckpoint`,
+:class:`RoundClosed`, :class:`RoundAbandoned`, :class:`Finished`) for the
+adapter to carry out in order. There is no socket, thread or clock in here,
+so every rule below has a fast deterministic unit test and runs unchanged
+over a real broker.
 
-Rules (DESIGN.md §4):
-- a round opens when at least ``min_agents`` eligible agents are online; the
-  selection is a seeded sample (or everyone) and is published as the task;
+Synchronous rounds (DESIGN.md §4, after Bonawitz et al. 2019):
+- a round opens when at least ``min_agents`` eligible agents are online. The
+  target is ``agents_per_round`` updates (or ``fraction`` of the eligible
+  agents, or all of them); ``over_select`` times the target are selected by a
+  seeded sample, recorded in the journal, and published as the task; every
+  other agent gets a pace-steering hint of when to look again;
 - an update is accepted only if it is well-formed, for the open round, from a
   selected agent, on the current base version, the first from that agent,
   and came on the topic of the agent it names; everything else is dropped
   with a counted reason and changes nothing;
-- a round closes when every selected agent has reported, or at the deadline
-  if at least ``quorum`` updates arrived; otherwise it is abandoned and re-run
-  as a new attempt with a new selection;
-- closing checkpoints before it publishes the new model.
+- a round closes when the target number of updates has arrived, or at the
+  deadline if at least ``quorum`` arrived; otherwise it is abandoned and
+  re-run as a new attempt with a new selection;
+- every opening and every accepted update is journaled (the adapter fsyncs
+  it before acknowledging the message to the broker), and closing
+  checkpoints before it publishes the new model, so a restart resumes the
+  open round with the updates it had accepted.
+
+Asynchronous mode (FedBuff, Nguyen et al. 2022): every eligible agent trains
+on each new model; updates on any of the last ``max_staleness`` versions are
+accepted with weight ``n · (1 + s)^-p`` (s = versions behind), and every
+``buffer`` accepted updates make a new model. Same messages, same journal.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
@@ -46,6 +59,12 @@ Evaluator = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
 # Closed-round summaries kept in memory and in the checkpoint. A year of
 # hourly rounds; beyond that metrics belong in the metrics store, not here.
 MAX_HISTORY = 10_000
+# Rounds whose durations feed the pace-steering estimate of the next round.
+PACE_WINDOW = 5
+# Async mode remembers this many model versions beyond the accepted
+# staleness, so that an old update is reported as too_stale rather than as
+# built on an unknown base.
+EXTRA_VERSIONS = 10
 
 
 @dataclass
@@ -56,6 +75,8 @@ class AgentInfo:
     eligible: bool
     num_samples: int
     capabilities: list[str]
+    reason: str = ""
+    round: int = 0
 
 
 @dataclass
@@ -78,9 +99,16 @@ class RoundSummary:
 
 @dataclass
 class SaveCheckpoint:
-    """Action: make this state durable before anything else is published."""
+    """Action: make this state durable (and start a new journal) before anything else is published."""
 
     state: dict[str, Any]
+
+
+@dataclass
+class Journal:
+    """Action: append this record to the journal and make it durable before going on."""
+
+    record: dict[str, Any]
 
 
 @dataclass
@@ -107,7 +135,7 @@ class Finished:
     round: int
 
 
-Action = Publish | SaveCheckpoint | RoundClosed | RoundAbandoned | Finished
+Action = Publish | Journal | SaveCheckpoint | RoundClosed | RoundAbandoned | Finished
 
 
 @dataclass
@@ -115,11 +143,13 @@ class _OpenRound:
     round: int
     attempt: int
     selected: list[str]
+    target: int
     opened_at: float
-    deadline: float
+    deadline: float  # math.inf in async mode
     received: set[str] = field(default_factory=set)
     # weighted sums of agent-reported metrics: name -> (sum of w*value, sum of w)
     metric_sums: dict[str, list[float]] = field(default_factory=dict)
+    stale_sum: float = 0.0
 
 
 class Coordinator:
@@ -131,36 +161,51 @@ class Coordinator:
         strategy: Strategy,
         evaluate: Evaluator | None = None,
         state: Mapping[str, Any] | None = None,
+        journal: list[dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
         self.evaluate = evaluate
         self.spec = config.model.spec()
         self.topics = Topics(config.federation)
+        self.async_mode = config.round.mode == "async"
         self.agents: dict[str, AgentInfo] = {}
         self.open: _OpenRound | None = None
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
         self.finished = False
+        self._journal_backlog = list(journal or [])
         if state is None:
             self.round = 0
             self.params: Params = Model(self.spec).init_params(config.model.seed)
             self.rng = np.random.default_rng(config.round.seed)
             self.attempt = 0
             self.history: list[RoundSummary] = []
+            self.recent_versions: dict[str, int] = {}
         else:
             self._restore(state)
         self.version = wire.params_version(self.params)
+        self.recent_versions[self.version] = self.round
 
     # -- events ---------------------------------------------------------------
 
     def start(self, now: float) -> list[Action]:
-        """Announce the current model (retained) and open a round if agents are there."""
+        """Announce the current model, resume a journaled round, or open one if agents are there."""
         actions: list[Action] = [self.model_publish()]
         if self._rounds_done():
             self.finished = True
             return actions + [self._task_done(), Finished(self.round)]
-        return actions + self._maybe_open(now)
+        if self._journal_backlog:
+            actions += self._replay(self._journal_backlog, now)
+            self._journal_backlog = []
+        if any(isinstance(a, Publish) and a.topic == self.topics.task for a in actions):
+            return actions
+        if self.open is not None:
+            return actions + [self._task_publish(now)]
+        opened = self._maybe_open(now)
+        # No round can open yet: replace any stale task from an earlier run
+        # by one that says so (and when to look again).
+        return actions + (opened or [self._task_waiting(now)])
 
     def receive(self, topic: str, payload: bytes, now: float) -> list[Action]:
         """A message arrived on one of our subscriptions."""
@@ -182,13 +227,7 @@ class Coordinator:
             return []
         if len(o.received) >= self.config.round.quorum:
             return self._close(now)
-        log.warning(
-            "round %d attempt %d abandoned at its deadline: %d of %d selected reported, quorum %d",
-            o.round, o.attempt, len(o.received), len(o.selected), self.config.round.quorum,
-        )
-        self.open = None
-        self.attempt += 1
-        return [RoundAbandoned(o.round, o.attempt, len(o.received), self.config.round.quorum), *self._maybe_open(now)]
+        return self._abandon(now, "deadline")
 
     # -- status ---------------------------------------------------------------
 
@@ -199,17 +238,33 @@ class Coordinator:
             return self._reject(exc.reason, f"status from {agent}: {exc.detail}")
         if msg.agent != agent:
             return self._reject("identity_mismatch", f"status on {agent}'s topic names {msg.agent}")
-        self.agents[msg.agent] = AgentInfo(
+        before = self.agents.get(msg.agent)
+        info = AgentInfo(
             online=msg.state == "online",
             eligible=msg.eligible and self.spec.kind in msg.capabilities,
             num_samples=msg.num_samples,
             capabilities=msg.capabilities,
+            reason=msg.reason,
+            round=msg.round,
         )
+        self.agents[msg.agent] = info
+        if before is None or (before.online, before.eligible) != (info.online, info.eligible):
+            log.info("agent %s is %s%s", msg.agent, "online" if info.online else "offline",
+                     "" if info.eligible or not info.online else f", not eligible ({info.reason or 'no reason given'})")
+        if self.open is not None and self.async_mode and self._usable(info):
+            if msg.agent not in self.open.selected:
+                # Async rounds take whoever is there: let the newcomer in.
+                self.open.selected = sorted({*self.open.selected, msg.agent})
+                return [self._task_publish(now)]
+            return []
         return self._maybe_open(now)
+
+    def _usable(self, info: AgentInfo) -> bool:
+        return info.online and info.eligible
 
     # -- updates --------------------------------------------------------------
 
-    def _on_update(self, agent: str | None, payload: bytes, now: float) -> list[Action]:
+    def _on_update(self, agent: str | None, payload: bytes, now: float, replay: bool = False) -> list[Action]:
         try:
             msg = wire.decode(payload, expect="update", fed=self.config.federation, spec=self.spec)
         except wire.WireError as exc:
@@ -220,23 +275,42 @@ class Coordinator:
             return self._reject("identity_mismatch", f"update on {agent}'s topic names {msg.agent}")
         if o is None:
             return self._reject("no_open_round", f"update from {agent} for round {msg.round}")
-        if msg.round != o.round:
-            return self._reject("wrong_round", f"update from {agent} for round {msg.round}, open is {o.round}")
-        if agent not in o.selected:
-            return self._reject("not_selected", f"update from {agent} who is not selected in round {o.round}")
-        if msg.base != self.version:
-            return self._reject("stale_base", f"update from {agent} on base {msg.base}, current {self.version}")
+        staleness = 0
+        if self.async_mode:
+            base_round = self.recent_versions.get(msg.base)
+            if base_round is None:
+                return self._reject("stale_base", f"update from {agent} on unknown base {msg.base}")
+            staleness = self.round - base_round
+            if staleness > self.config.fedbuff.max_staleness:
+                return self._reject("too_stale", f"update from {agent} is {staleness} versions old")
+            info = self.agents.get(agent)
+            if info is None or not info.eligible:
+                return self._reject("not_selected", f"update from {agent}, not an eligible agent")
+        else:
+            if msg.round != o.round:
+                return self._reject("wrong_round", f"update from {agent} for round {msg.round}, open is {o.round}")
+            if agent not in o.selected:
+                return self._reject("not_selected", f"update from {agent} who is not selected in round {o.round}")
+            if msg.base != self.version:
+                return self._reject("stale_base", f"update from {agent} on base {msg.base}, current {self.version}")
         if agent in o.received:
             return self._reject("duplicate", f"second update from {agent} in round {o.round}")
         if self.strategy.full():
             return self._reject("round_full", f"update from {agent}: round {o.round} holds as many as the rule keeps")
-        self.strategy.add(msg.delta, float(msg.num_samples), msg.metrics)
+        actions: list[Action] = []
+        if not replay:
+            actions.append(Journal({"type": "update", "round": o.round, "attempt": o.attempt, "agent": agent,
+                                    "payload": bytes(payload), "at": now}))
+        # FedBuff's polynomial staleness weighting; 1 in synchronous mode.
+        weight = float(msg.num_samples) * (1.0 + staleness) ** -self.config.fedbuff.staleness_exponent
+        self.strategy.add(msg.delta, weight, msg.metrics)
         o.received.add(agent)
+        o.stale_sum += staleness
         self.accepted += 1
         self._add_metrics(o, msg)
-        if len(o.received) == len(o.selected):
-            return self._close(now)
-        return []
+        if len(o.received) >= o.target:
+            actions += self._close(now)
+        return actions
 
     @staticmethod
     def _add_metrics(o: _OpenRound, msg: wire.UpdateMsg) -> None:
@@ -267,39 +341,54 @@ class Coordinator:
     def _maybe_open(self, now: float) -> list[Action]:
         if self.open is not None or self.finished:
             return []
-        candidates = sorted(a for a, info in self.agents.items() if info.online and info.eligible)
+        candidates = sorted(a for a, info in self.agents.items() if self._usable(info))
         rc = self.config.round
         if len(candidates) < rc.min_agents:
             return []
-        k = rc.agents_per_round or len(candidates)
-        if k < len(candidates):
-            chosen = self.rng.choice(len(candidates), size=k, replace=False)
-            selected = sorted(candidates[i] for i in chosen)
+        if self.async_mode:
+            selected, target, deadline = candidates, self.config.fedbuff.buffer, math.inf
         else:
-            selected = candidates
-        self.open = _OpenRound(
-            round=self.round + 1,
-            attempt=self.attempt,
-            selected=selected,
-            opened_at=now,
-            deadline=now + rc.timeout,
-        )
+            if rc.agents_per_round:
+                target = min(rc.agents_per_round, len(candidates))
+            elif rc.fraction:
+                target = max(1, math.ceil(rc.fraction * len(candidates)))
+            else:
+                target = len(candidates)
+            k = min(len(candidates), math.ceil(target * rc.over_select - 1e-9))
+            if k < len(candidates):
+                chosen = self.rng.choice(len(candidates), size=k, replace=False)
+                selected = sorted(candidates[i] for i in chosen)
+            else:
+                selected = candidates
+            deadline = now + rc.timeout
+        self._open_round(self.round + 1, self.attempt, selected, target, now, deadline)
+        log.info("round %d attempt %d opened: %d selected for a target of %d (of %d eligible online)",
+                 self.round + 1, self.attempt, len(selected), target, len(candidates))
+        record = {"type": "open", "round": self.round + 1, "attempt": self.attempt, "selected": selected,
+                  "target": target, "opened_at": now, "deadline": None if math.isinf(deadline) else deadline,
+                  "rng": self.rng.bit_generator.state}
+        return [Journal(record), self._task_publish(now)]
+
+    def _open_round(self, rnd: int, attempt: int, selected: list[str], target: int, now: float, deadline: float) -> None:
+        self.open = _OpenRound(round=rnd, attempt=attempt, selected=list(selected), target=target,
+                               opened_at=now, deadline=deadline)
         self.strategy.begin(self.params)
-        log.info("round %d attempt %d opened: %d agents selected", self.round + 1, self.attempt, len(selected))
-        t = self.config.training
-        task = wire.TaskMsg(
-            fed=self.config.federation,
-            round=self.open.round,
-            base=self.version,
-            state="open",
-            attempt=self.attempt,
-            deadline=self.open.deadline,
-            selected=selected,
-            config=wire.TrainConfig(
-                epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu
-            ),
+
+    def _abandon(self, now: float, why: str, replay: bool = False) -> list[Action]:
+        o = self.open
+        assert o is not None
+        log.warning(
+            "round %d attempt %d abandoned (%s): %d of %d selected reported, quorum %d",
+            o.round, o.attempt, why, len(o.received), len(o.selected), self.config.round.quorum,
         )
-        return [Publish(self.topics.task, wire.encode(task), qos=1, retain=True)]
+        self.open = None
+        self.attempt += 1
+        actions: list[Action] = []
+        if not replay:
+            actions.append(Journal({"type": "abandon", "round": o.round, "attempt": o.attempt, "at": now}))
+        actions.append(RoundAbandoned(o.round, o.attempt, len(o.received), self.config.round.quorum))
+        opened = self._maybe_open(now)
+        return actions + (opened or [self._task_waiting(now)])
 
     def _close(self, now: float) -> list[Action]:
         o = self.open
@@ -309,18 +398,22 @@ class Coordinator:
             # Every delta was finite, yet the sum overflowed float32: publishing
             # it would make every agent reject the model and stall the fleet.
             self.rejected["non_finite_aggregate"] += 1
-            log.error("round %d attempt %d: the aggregate is not finite; round re-run", o.round, o.attempt)
-            self.open = None
-            self.attempt += 1
-            return [RoundAbandoned(o.round, o.attempt, len(o.received), self.config.round.quorum), *self._maybe_open(now)]
+            return self._abandon(now, "the aggregate is not finite")
         self.params = new_params
         self.round = o.round
         self.version = wire.params_version(self.params)
+        self.recent_versions[self.version] = self.round
+        horizon = self.round - self.config.fedbuff.max_staleness - EXTRA_VERSIONS
+        self.recent_versions = {v: r for v, r in self.recent_versions.items() if r >= horizon}
         self.open = None
         self.attempt = 0
         metrics = {name: s / w for name, (s, w) in o.metric_sums.items() if w > 0}
         if self.evaluate is not None:
             metrics.update({f"test_{k}": v for k, v in self.evaluate(self.params).items()})
+        metrics["seconds"] = now - o.opened_at
+        metrics["dropouts"] = float(max(0, len(o.selected) - len(o.received))) if not self.async_mode else 0.0
+        if self.async_mode:
+            metrics["mean_staleness"] = o.stale_sum / max(1, len(o.received))
         summary = RoundSummary(
             round=o.round,
             attempt=o.attempt,
@@ -333,35 +426,83 @@ class Coordinator:
         )
         self.history.append(summary)
         del self.history[:-MAX_HISTORY]
-        log.info("round %d closed: %d/%d updates, %s", o.round, len(o.received), len(o.selected),
-                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-        metrics_msg = wire.MetricsMsg(
-            fed=self.config.federation,
-            round=o.round,
-            version=self.version,
-            participants=len(o.received),
-            metrics={**metrics, **{f"rejected_{k}": float(v) for k, v in self.rejected.items()}},
-        )
+        log.info("round %d closed: %d/%d updates (target %d), %s", o.round, len(o.received), len(o.selected),
+                 o.target, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         actions: list[Action] = [
             SaveCheckpoint(self.snapshot()),
             self.model_publish(),
-            Publish(self.topics.metrics, wire.encode(metrics_msg), qos=1, retain=True),
+            Publish(self.topics.metrics, wire.encode(self._metrics_msg(summary)), qos=1, retain=True),
             RoundClosed(summary),
         ]
         if self._rounds_done():
             self.finished = True
             return actions + [self._task_done(), Finished(self.round)]
-        return actions + self._maybe_open(now)
+        opened = self._maybe_open(now)
+        return actions + (opened or [self._task_waiting(now)])
+
+    def _metrics_msg(self, s: RoundSummary) -> wire.MetricsMsg:
+        recent = [
+            {"round": float(h.round), "participants": float(h.participants), "selected": float(h.selected),
+             "seconds": h.seconds, **{k: v for k, v in h.metrics.items() if k.endswith("accuracy") or k.endswith("loss")}}
+            for h in self.history[-wire.MAX_METRICS_HISTORY:]
+        ]
+        return wire.MetricsMsg(
+            fed=self.config.federation,
+            round=s.round,
+            version=s.version,
+            participants=s.participants,
+            metrics={**s.metrics, "selected": float(s.selected), "attempt": float(s.attempt),
+                     **{f"rejected_{k}": float(v) for k, v in self.rejected.items()}},
+            history=recent,
+        )
+
+    # -- messages -------------------------------------------------------------
 
     def model_publish(self) -> Publish:
+        """The retained ``model`` message of the current global model."""
         msg = wire.ModelMsg(
             fed=self.config.federation, round=self.round, version=self.version, spec=self.spec, params=self.params
         )
         return Publish(self.topics.model, wire.encode(msg), qos=1, retain=True)
 
+    def _pace(self) -> float:
+        """Seconds until the next round is expected: recent round length, at most the timeout."""
+        recent = [h.seconds for h in self.history[-PACE_WINDOW:]]
+        expected = sum(recent) / len(recent) if recent else self.config.round.timeout
+        return float(min(max(expected, 0.0), self.config.round.timeout))
+
+    def _task_publish(self, now: float) -> Publish:
+        o = self.open
+        assert o is not None
+        t = self.config.training
+        task = wire.TaskMsg(
+            fed=self.config.federation,
+            round=o.round,
+            base=self.version,
+            state="open",
+            attempt=o.attempt,
+            deadline=0.0 if math.isinf(o.deadline) else o.deadline,
+            selected=o.selected,
+            config=wire.TrainConfig(
+                epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu
+            ),
+            # Agents not selected look again when this round should be over.
+            retry_after=0.0 if math.isinf(o.deadline) else max(0.0, min(o.deadline - now, self._pace())),
+            mode=self.config.round.mode,
+        )
+        return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
+
+    def _task_waiting(self, now: float) -> Publish:
+        task = wire.TaskMsg(
+            fed=self.config.federation, round=self.round + 1, base=self.version, state="waiting",
+            attempt=self.attempt, selected=[], retry_after=self._pace(), mode=self.config.round.mode,
+        )
+        return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
+
     def _task_done(self) -> Publish:
         task = wire.TaskMsg(
-            fed=self.config.federation, round=self.round, base=self.version, state="done", selected=[]
+            fed=self.config.federation, round=self.round, base=self.version, state="done", selected=[],
+            mode=self.config.round.mode,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
 
@@ -377,6 +518,7 @@ class Coordinator:
             "params": {k: v.copy() for k, v in self.params.items()},
             "rng": self.rng.bit_generator.state,
             "attempt": self.attempt,
+            "recent_versions": dict(self.recent_versions),
             "strategy": {"name": self.strategy.name, "state": self.strategy.state_dict()},
             "history": [asdict(s) for s in self.history],
         }
@@ -391,6 +533,39 @@ class Coordinator:
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
         self.attempt = int(state.get("attempt", 0))
+        self.recent_versions = {str(k): int(v) for k, v in state.get("recent_versions", {}).items()}
         self.strategy.load_state_dict(state.get("strategy", {}).get("state", {}))
         self.history = [RoundSummary(**d) for d in state.get("history", [])]
 
+    def _replay(self, records: list[dict[str, Any]], now: float) -> list[Action]:
+        """Re-apply the journal of the round that was open when the process stopped.
+
+        Records of rounds the checkpoint already covers are skipped (a crash
+        between checkpoint and journal reset leaves them behind). Updates go
+        through the same checks as when they first arrived, so a replay
+        accepts exactly what was accepted before.
+        """
+        actions: list[Action] = []
+        for rec in records:
+            if rec.get("round", 0) <= self.round:
+                continue
+            kind = rec.get("type")
+            if kind == "open":
+                self.rng.bit_generator.state = rec["rng"]
+                self.attempt = int(rec["attempt"])
+                deadline = math.inf if rec["deadline"] is None else float(rec["deadline"])
+                self._open_round(int(rec["round"]), self.attempt, list(rec["selected"]), int(rec["target"]),
+                                 float(rec["opened_at"]), deadline)
+            elif kind == "update" and self.open is not None and \
+                    (rec["round"], rec["attempt"]) == (self.open.round, self.open.attempt):
+                actions += self._on_update(rec["agent"], rec["payload"], now, replay=True)
+            elif kind == "abandon" and self.open is not None:
+                self.open = None
+                self.attempt = int(rec["attempt"]) + 1
+        if self.open is not None:
+            log.info("resumed round %d attempt %d with %d accepted updates", self.open.round, self.open.attempt,
+                     len(self.open.received))
+        # Replayed updates were not journaled again (replay=True); a close
+        # during replay returns the normal close actions, including the
+        # checkpoint and the journaled opening of the next round.
+        return actions

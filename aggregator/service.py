@@ -19,12 +19,14 @@ from edge_agent.mqtt import Connection, Loop, Publish
 
 from . import checkpoint
 from .config import AggregatorConfig
+from .journal import JournalFile
 from .onnx_publish import OnnxPublisher
 from .coordinator import (
     Action,
     Coordinator,
     Evaluator,
     Finished,
+    Journal,
     RoundAbandoned,
     RoundClosed,
     SaveCheckpoint,
@@ -60,9 +62,23 @@ class AggregatorService:
         state = checkpoint.load(config.state_dir)
         if state is not None:
             log.info("resuming from %s at round %d", Path(config.state_dir) / checkpoint.CHECKPOINT_NAME, state["round"])
-        self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state)
+        self.journal = JournalFile(config.state_dir)
+        records = self.journal.load()
+        self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state, records)
         self.onnx = OnnxPublisher(config) if config.onnx.every else None
-        self.conn = Connection(loop, config.broker, client_id=f"fedmqtt-aggregator-{config.federation}", handler=self)
+        # A persistent session (clean start off, session expiry set): the
+        # broker keeps our subscriptions and queues the updates agents send
+        # while we are down; manual acks mean a message counts as delivered
+        # only once the journal holds it.
+        self.conn = Connection(
+            loop,
+            config.broker,
+            client_id=f"fedmqtt-aggregator-{config.federation}",
+            handler=self,
+            clean_start=False,
+            session_expiry_s=config.session_expiry,
+            manual_ack=True,
+        )
         self._started = False
 
     def start(self) -> None:
@@ -94,8 +110,11 @@ class AggregatorService:
 
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:
-            if isinstance(a, SaveCheckpoint):
+            if isinstance(a, Journal):
+                self.journal.append(a.record)
+            elif isinstance(a, SaveCheckpoint):
                 checkpoint.save(self.config.state_dir, a.state)
+                self.journal.reset()
             elif isinstance(a, Publish):
                 self.conn.publish(a)
             elif isinstance(a, RoundClosed):

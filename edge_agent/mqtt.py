@@ -226,6 +226,7 @@ class Connection:
         will: Publish | None = None,
         clean_start: bool = True,
         session_expiry_s: int = 0,
+        manual_ack: bool = False,
     ) -> None:
         self.loop = loop
         self.broker = broker
@@ -237,7 +238,10 @@ class Connection:
         self._session_expiry_s = session_expiry_s
         self.will = will
         self._inflight: list[paho.MQTTMessageInfo] = []
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        # manual_ack: a QoS 1 message is acknowledged only after the handler
+        # returned, i.e. after whatever it made durable is on disk.
+        self.manual_ack = manual_ack
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack)
         c.max_queued_messages_set(MAX_QUEUED_MESSAGES)
         c.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG (-vv)
         if broker.username:
@@ -356,7 +360,11 @@ class Connection:
         try:
             self.handler.on_message(self, msg.topic, msg.payload)
         except Exception:
+            # Acknowledged anyway below: a message that crashes the handler
+            # would crash it again on every redelivery.
             log.exception("%s: handling a message on %s failed", self.client_id, msg.topic)
+        if self.manual_ack and msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
 
     # -- selector registration ------------------------------------------------
 

@@ -59,7 +59,11 @@ ALLOWED_DTYPES = frozenset(
 )
 
 KINDS = ("model", "task", "update", "status", "metrics")
-TASK_STATES = ("open", "done")
+TASK_STATES = ("open", "waiting", "done")
+TASK_MODES = ("sync", "async")
+# Round summaries a metrics message may carry (the recent history that
+# `fedmqtt status` shows from the retained message alone).
+MAX_METRICS_HISTORY = 20
 STATUS_STATES = ("online", "offline")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -120,6 +124,12 @@ class TaskMsg:
     deadline: float = 0.0
     selected: list[str] = field(default_factory=list)
     config: TrainConfig = field(default_factory=TrainConfig)
+    # Pace steering: seconds until the next round is expected to open, so an
+    # agent that is not selected can sleep instead of staying awake for it.
+    retry_after: float = 0.0
+    # "sync": rounds with a selection and a deadline; "async" (FedBuff): every
+    # eligible agent trains on each new model, no deadline.
+    mode: str = "sync"
 
 
 @dataclass
@@ -147,6 +157,8 @@ class StatusMsg:
     capabilities: list[str] = field(default_factory=list)
     software: str = ""
     eligible: bool = True
+    # Why the agent is not eligible (e.g. "on battery at 18%"), empty when it is.
+    reason: str = ""
 
 
 @dataclass
@@ -158,6 +170,8 @@ class MetricsMsg:
     version: str
     participants: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # Summaries of the last few closed rounds, newest last (at most MAX_METRICS_HISTORY).
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 Message = ModelMsg | TaskMsg | UpdateMsg | StatusMsg | MetricsMsg
@@ -294,6 +308,8 @@ def encode(msg: Message) -> bytes:
                 "lr": float(msg.config.lr),
                 "prox_mu": float(msg.config.prox_mu),
             },
+            "retry_after": float(msg.retry_after),
+            "mode": msg.mode,
         }
     elif isinstance(msg, UpdateMsg):
         body = {
@@ -311,12 +327,14 @@ def encode(msg: Message) -> bytes:
             "capabilities": list(msg.capabilities),
             "software": msg.software,
             "eligible": bool(msg.eligible),
+            "reason": msg.reason,
         }
     else:
         body = {
             "version": msg.version,
             "participants": msg.participants,
             "metrics": {k: float(v) for k, v in msg.metrics.items()},
+            "history": [{k: float(v) for k, v in h.items()} for h in msg.history[-MAX_METRICS_HISTORY:]],
         }
     head.update(body)
     # Sizing msgpack's buffer for the arrays up front saves it growing (and
@@ -417,11 +435,14 @@ def decode(
         cfg = r.get("config", dict)
         c = _Reader(cfg, "task.config")
         config = TrainConfig(
-            epochs=c.pos_int("epochs"),
+            epochs=c.nonneg_int("epochs"),  # 0: evaluate only (protocol benchmarks)
             batch_size=c.pos_int("batch_size"),
             lr=c.pos_float("lr"),
             prox_mu=c.nonneg_float("prox_mu") if "prox_mu" in cfg else 0.0,
         )
+        mode = r.optional("mode", str, "sync")
+        if mode not in TASK_MODES:
+            raise WireError("bad_field", f"task.mode must be one of {TASK_MODES}, got {mode!r}")
         msg = TaskMsg(
             fed=msg_fed,
             round=rnd,
@@ -431,6 +452,8 @@ def decode(
             deadline=r.number("deadline"),
             selected=selected,
             config=config,
+            retry_after=r.nonneg_float("retry_after") if "retry_after" in m else 0.0,
+            mode=mode,
         )
     elif kind == "update":
         msg = UpdateMsg(
@@ -458,6 +481,7 @@ def decode(
             capabilities=caps,
             software=r.text("software", allow_empty=True),
             eligible=r.get("eligible", bool),
+            reason=r.optional("reason", str, ""),
         )
     else:
         msg = MetricsMsg(
@@ -466,8 +490,20 @@ def decode(
             version=r.text("version"),
             participants=r.nonneg_int("participants"),
             metrics=r.float_map("metrics"),
+            history=_history(r.optional("history", list, [])),
         )
     return msg
+
+
+def _history(items: list) -> list[dict[str, float]]:
+    if len(items) > MAX_METRICS_HISTORY:
+        raise WireError("bad_field", f"metrics.history has {len(items)} entries, limit {MAX_METRICS_HISTORY}")
+    out = []
+    for i, h in enumerate(items):
+        if not isinstance(h, dict):
+            raise WireError("bad_field", f"metrics.history[{i}] must be a map")
+        out.append(_Reader({"h": h}, f"metrics.history[{i}]").float_map("h"))
+    return out
 
 
 class _Reader:
@@ -485,6 +521,10 @@ class _Reader:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise WireError("bad_field", f"{self.where}.{key} must be {typ.__name__}, got {type(value).__name__}")
         return value
+
+    def optional(self, key: str, typ: type, default: Any) -> Any:
+        """A field newer senders include and older ones may omit."""
+        return self.get(key, typ) if key in self.m else default
 
     def text(self, key: str, allow_empty: bool = False) -> str:
         value = self.get(key, str)

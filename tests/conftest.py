@@ -86,6 +86,16 @@ class RawClient:
             if t == topic:
                 return payload, retain
 
+    def wait_for_open_task(self, topic: str, after_round: int = 0, timeout: float = WAIT_S):
+        """The next open task on ``topic`` for a round later than ``after_round``."""
+        from edge_agent import wire
+
+        end = time.monotonic() + timeout
+        while True:
+            task = wire.decode(self.wait_for(topic, max(0.01, end - time.monotonic()))[0], expect="task")
+            if task.state == "open" and task.round > after_round:
+                return task
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

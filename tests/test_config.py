@@ -200,7 +200,7 @@ def test_wrong_bool_type_in_agent_config(tmp_path):
         ('[strategy]\nname = "nonsense"\n', "strategy.name"),
         ('state_dir = ""\n', "state_dir"),
         ("[training]\nlr = 0\n", "training.lr"),
-        ("[training]\nepochs = 0\n", "training.epochs"),
+        ("[training]\nepochs = -1\n", "training.epochs"),
         ("[training]\nbatch_size = 0\n", "training.batch_size"),
         ('[model]\nkind = "cnn"\n', "model.kind"),
         ("[model]\nn_features = 0\n", "model.n_features"),

@@ -9,6 +9,7 @@ from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig
 from aggregator.coordinator import (
     Coordinator,
     Finished,
+    Journal,
     RoundAbandoned,
     RoundClosed,
     SaveCheckpoint,
@@ -130,13 +131,16 @@ def test_close_checkpoints_before_publishing_then_opens_next_round():
     for a in ("a0", "a1", "a2"):
         actions = c.receive(*update(c, a, [1, 1]), now=2.0)
     kinds = [type(a).__name__ + (":" + a.topic if isinstance(a, Publish) else "") for a in actions]
-    assert kinds[0] == "SaveCheckpoint"
-    assert kinds.index(f"Publish:{T.model}") > 0
-    assert isinstance(actions[3], RoundClosed) and actions[3].summary.participants == 3
+    # the last update is journaled, then the checkpoint, then the new model goes out
+    assert kinds[:3] == ["Journal", "SaveCheckpoint", f"Publish:{T.model}"]
+    assert actions[0].record["type"] == "update" and actions[0].record["agent"] == "a2"
+    closed = next(a for a in actions if isinstance(a, RoundClosed))
+    assert closed.summary.participants == 3
     (task_pub,) = published(actions, T.task)
     task = wire.decode(task_pub.payload)
     assert task.round == 2 and task.base == c.version
-    assert actions[0].state["round"] == 1
+    assert actions[1].state["round"] == 1
+    assert [a.record["type"] for a in actions if isinstance(a, Journal)] == ["update", "open"]
 
 
 def _assert_rejected(c: Coordinator, reason: str, topic_payload, now: float = 1.0) -> None:
@@ -160,8 +164,8 @@ def test_rejections_are_counted_and_change_nothing():
     nan = {"W0": np.array([[np.nan]], np.float32), "b0": np.zeros(1, np.float32)}
     _assert_rejected(c, "non_finite", update(c, "a0", [1, 1], delta=nan))
     _assert_rejected(c, "wrong_federation", (T.update("a0"), update(c, "a0", [1, 1], fed="other")[1]))
-    # a valid one is accepted, a repeat from the same agent is not
-    assert c.receive(*update(c, "a0", [1, 1]), now=1.0) == []
+    # a valid one is accepted (and journaled), a repeat from the same agent is not
+    assert [type(a) for a in c.receive(*update(c, "a0", [1, 1]), now=1.0)] == [Journal]
     assert c.accepted == 1
     _assert_rejected(c, "duplicate", update(c, "a0", [9, 9]))
 
@@ -197,7 +201,8 @@ def test_deadline_short_of_quorum_abandons_and_reruns_as_a_new_attempt():
     v0 = c.version
     c.receive(*update(c, "a0", [2, 2]), now=1.0)
     actions = c.tick(10.0)
-    assert isinstance(actions[0], RoundAbandoned) and actions[0].received == 1
+    assert isinstance(actions[0], Journal) and actions[0].record["type"] == "abandon"
+    assert isinstance(actions[1], RoundAbandoned) and actions[1].received == 1
     (task_pub,) = published(actions, T.task)
     task = wire.decode(task_pub.payload)
     assert task.round == 1 and task.attempt == 1 and task.deadline == 20.0
@@ -210,7 +215,7 @@ def test_deadline_short_of_quorum_abandons_and_reruns_as_a_new_attempt():
 
 def test_seeded_sampling_selects_agents_per_round_reproducibly():
     def selections(seed: int) -> list[list[str]]:
-        c = Coordinator(config(min_agents=10, agents_per_round=4, seed=seed, rounds=3), FedAvg())
+        c = Coordinator(config(min_agents=10, agents_per_round=4, over_select=1.0, seed=seed, rounds=3), FedAvg())
         c.start(0.0)
         for i in range(10):
             c.receive(*status(f"a{i}"), now=0.0)
@@ -366,3 +371,175 @@ def test_updates_beyond_what_a_buffering_rule_keeps_are_rejected():
     c.receive(*update(c, "a0", [1, 1]), now=1.0)
     c.receive(*update(c, "a1", [1, 1]), now=1.0)
     _assert_rejected(c, "round_full", update(c, "a2", [1, 1]))
+
+
+# -- issue 4: selection, pace steering, journal, async --------------------------
+
+def _task(actions):
+    (pub,) = published(actions, T.task)
+    return wire.decode(pub.payload, expect="task")
+
+
+def test_over_selection_and_closing_at_the_target():
+    c = Coordinator(config(min_agents=10, agents_per_round=4, over_select=1.3), FedAvg())
+    c.start(0.0)
+    actions = []
+    for i in range(10):
+        actions = c.receive(*status(f"a{i}"), now=0.0) or actions
+    task = _task(actions)
+    assert len(task.selected) == 6  # ceil(4 x 1.3)
+    first4 = task.selected[:4]
+    for a in first4[:3]:
+        c.receive(*update(c, a, [1, 1]), now=1.0)
+    assert c.round == 0
+    actions = c.receive(*update(c, first4[3], [1, 1]), now=1.0)
+    assert c.round == 1  # closed at the target, without waiting for the other two
+    s = next(a for a in actions if isinstance(a, RoundClosed)).summary
+    assert (s.selected, s.participants) == (6, 4)
+    m = wire.decode(published(actions, T.metrics)[0].payload)
+    assert m.metrics["dropouts"] == 2 and m.metrics["selected"] == 6
+    # the two late ones are now for a closed round
+    _assert_rejected(c, "wrong_round", update(c, task.selected[5], [1, 1], round=1))
+
+
+def test_fraction_of_eligible_agents_is_the_target():
+    c = Coordinator(config(min_agents=1, fraction=0.5, over_select=1.0), FedAvg())
+    c.start(0.0)
+    actions = []
+    for i in range(8):
+        actions = c.receive(*status(f"a{i}"), now=0.0) or actions
+    # the round opened as soon as min_agents (1) was online: target ceil(0.5 x 1) = 1
+    assert c.open.target == 1 and len(c.open.selected) == 1
+    c.receive(*update(c, c.open.selected[0], [1, 1]), now=1.0)
+    assert c.round == 1 and c.open.target == 4 and len(c.open.selected) == 4
+
+
+def test_pace_steering_hint_and_waiting_task():
+    c = Coordinator(config(min_agents=2, timeout=30.0), FedAvg())
+    actions = c.start(0.0)
+    waiting = _task(actions)
+    assert waiting.state == "waiting" and waiting.retry_after == 30.0 and waiting.selected == []
+    c.receive(*status("a0"), now=0.0)
+    task = _task(c.receive(*status("a1"), now=5.0))
+    assert task.state == "open" and task.retry_after == 30.0 and task.deadline == 35.0
+    c.receive(*update(c, "a0", [1, 1]), now=7.0)
+    actions = c.receive(*update(c, "a1", [1, 1]), now=9.0)  # a 4-second round
+    assert _task(actions).retry_after == pytest.approx(4.0)  # the next one is expected as quick
+
+
+def test_ineligible_agents_are_recorded_with_their_reason():
+    c = Coordinator(config(min_agents=1), FedAvg())
+    c.start(0.0)
+    topic = T.status("a0")
+    c.receive(topic, wire.encode(wire.StatusMsg(FED, 0, "a0", "online", 5, ["linear"], "x", False, "on battery at 12%")), now=0.0)
+    assert c.agents["a0"].reason == "on battery at 12%" and c.open is None
+
+
+def _journal_of(actions):
+    return [a.record for a in actions if isinstance(a, Journal)]
+
+
+def test_restart_from_checkpoint_and_journal_continues_the_open_round():
+    cfg = config(min_agents=3, rounds=2)
+    straight = started(rounds=2)
+    for r in (1, 2):
+        for a, target in zip(("a0", "a1", "a2"), ([r, 1], [r + 1, 2], [r + 2, 3])):
+            straight.receive(*update(straight, a, target), now=float(r))
+
+    # the same federation, crashing in round 2 after two accepted updates
+    first = Coordinator(cfg, FedAvg())
+    journal: list[dict] = []
+    ckpt = None
+
+    def run(c, actions):
+        nonlocal ckpt, journal
+        for a in actions:
+            if isinstance(a, SaveCheckpoint):
+                ckpt, journal = a.state, []
+            elif isinstance(a, Journal):
+                journal.append(a.record)
+
+    run(first, first.start(0.0))
+    for i in range(3):
+        run(first, first.receive(*status(f"a{i}"), now=0.0))
+    for a, target in zip(("a0", "a1", "a2"), ([1, 1], [2, 2], [3, 3])):
+        run(first, first.receive(*update(first, a, target), now=1.0))
+    assert ckpt["round"] == 1
+    run(first, first.receive(*update(first, "a0", [2, 1]), now=2.0))
+    run(first, first.receive(*update(first, "a1", [3, 2]), now=2.0))
+    assert [r["type"] for r in journal] == ["open", "update", "update"]
+
+    resumed = Coordinator(cfg, FedAvg(), state=ckpt, journal=journal)
+    actions = resumed.start(3.0)
+    assert resumed.open.round == 2 and resumed.open.received == {"a0", "a1"}
+    assert resumed.open.deadline == journal[0]["deadline"]
+    assert _task(actions).round == 2
+    _assert_rejected(resumed, "duplicate", update(resumed, "a0", [9, 9]))
+    resumed.receive(*update(resumed, "a2", [4, 3]), now=3.0)
+    assert resumed.round == 2 and resumed.finished
+    np.testing.assert_allclose(theta(resumed.params), theta(straight.params), atol=1e-6)
+
+
+def test_journal_records_older_than_the_checkpoint_are_ignored():
+    c = started()
+    journal = []
+    for a in ("a0", "a1", "a2"):
+        journal += _journal_of(c.receive(*update(c, a, [1, 1]), now=1.0))
+    # a crash after the checkpoint but before the journal reset leaves round 1 behind
+    resumed = Coordinator(config(), FedAvg(), state=c.snapshot(), journal=journal)
+    resumed.start(2.0)
+    assert resumed.round == 1 and resumed.accepted == 0
+
+
+def test_restart_replays_an_abandon_so_the_attempt_counter_survives():
+    c = Coordinator(config(quorum=3), FedAvg())
+    rec = _journal_of(c.start(0.0))
+    for i in range(3):
+        rec += _journal_of(c.receive(*status(f"a{i}"), now=0.0))
+    rec += _journal_of(c.tick(100.0))  # abandoned, re-run as attempt 1
+    assert [r["type"] for r in rec] == ["open", "abandon", "open"] and rec[-1]["attempt"] == 1
+    resumed = Coordinator(config(quorum=3), FedAvg(), journal=rec)  # no checkpoint yet: round 0
+    resumed.start(101.0)
+    assert resumed.open.attempt == 1 and resumed.open.deadline == rec[-1]["deadline"]
+    assert resumed.rng.bit_generator.state == c.rng.bit_generator.state
+
+
+def async_config(**kw) -> AggregatorConfig:
+    cfg = config(min_agents=1, mode="async", **kw)
+    cfg.fedbuff.buffer = 2
+    cfg.fedbuff.staleness_exponent = 1.0
+    cfg.fedbuff.max_staleness = 1
+    return cfg
+
+
+def test_async_mode_weights_updates_by_staleness_and_rejects_too_stale_ones():
+    c = Coordinator(async_config(), FedAvg())
+    c.start(0.0)
+    for i in range(3):
+        c.receive(*status(f"a{i}"), now=0.0)
+    v0 = c.version
+    assert c.open.target == 2 and c.open.deadline == float("inf")
+    c.receive(*update(c, "a0", [2, 0], n=1), now=1.0)
+    c.receive(*update(c, "a1", [4, 0], n=1), now=1.0)
+    assert c.round == 1 and theta(c.params)[0] == pytest.approx(3.0)  # buffer of 2 applied
+    # a2 trained on v0 (one version behind): weight (1 + 1)^-1 = 1/2; a0 is fresh: weight 1
+    stale = {"W0": np.array([[6.0 - 0.0]], np.float32), "b0": np.zeros(1, np.float32)}  # moves v0 (w=0) to 6
+    c.receive(*update(c, "a2", [0, 0], n=1, base=v0, round=1, delta=stale), now=2.0)
+    c.receive(*update(c, "a0", [5, 0], n=1), now=2.0)  # delta +2 from 3
+    # (0.5 x 6 + 1 x 2) / 1.5 = 10/3 added to 3
+    assert c.round == 2 and theta(c.params)[0] == pytest.approx(3.0 + 10.0 / 3.0, rel=1e-5)
+    # v0 is now two versions behind: beyond max_staleness = 1
+    _assert_rejected(c, "too_stale", update(c, "a1", [0, 0], n=1, base=v0, round=1, delta=stale))
+    _assert_rejected(c, "stale_base", update(c, "a1", [0, 0], base="ffffffffffffffff"))
+    m = next(h for h in c.history if h.round == 2)
+    assert m.metrics["mean_staleness"] == pytest.approx(0.5)
+
+
+def test_async_mode_lets_newcomers_in_without_reopening():
+    c = Coordinator(async_config(), FedAvg())
+    c.start(0.0)
+    c.receive(*status("a0"), now=0.0)
+    assert c.open.selected == ["a0"]
+    actions = c.receive(*status("a1"), now=1.0)
+    task = _task(actions)
+    assert task.selected == ["a0", "a1"] and task.round == 1 and task.mode == "async" and task.attempt == 0

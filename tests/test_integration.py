@@ -61,8 +61,7 @@ def test_textbook_fedavg_through_the_broker(fed, broker_config, tmp_path, start_
         d = raw_client(agent)
         d.publish(topics.status(agent), wire.encode(wire.StatusMsg(fed, 0, agent, "online", 5, ["linear"])), retain=True)
         devices[agent] = d
-    payload, retained = observer.wait_for(topics.task)
-    task = wire.decode(payload, expect="task")
+    task = observer.wait_for_open_task(topics.task)
     assert sorted(task.selected) == ["dev-1", "dev-2", "dev-3"]
     for agent, target in zip(devices, ([1, 2], [2, 3], [3, 4])):
         delta = {"W0": np.array([[target[0]]], np.float32), "b0": np.array([target[1]], np.float32)}  # from θ0 = 0

@@ -7,6 +7,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +111,11 @@ class Device:
         self.c = raw_client(name)
         self.c.subscribe(self.t.task)
         self.c.publish(self.t.status(name), wire.encode(wire.StatusMsg(fed, 0, name, "online", 1, ["linear"])), retain=True)
+        self.last_round = 0
 
     def send(self, w: float, b: float, current: tuple[float, float]) -> None:
-        task = wire.decode(self.c.wait_for(self.t.task)[0], expect="task")
+        task = self.c.wait_for_open_task(self.t.task, self.last_round)
+        self.last_round = task.round
         delta = {"W0": np.array([[w - current[0]]], np.float32), "b0": np.array([b - current[1]], np.float32)}
         self.c.publish(self.t.update(self.name), wire.encode(wire.UpdateMsg(self.fed, task.round, self.name, task.base, 1, delta, {})))
 
@@ -170,7 +173,7 @@ def test_export_command_matches_the_live_export(fed, broker_config, tmp_path, st
     dev = raw_client("dev")
     dev.subscribe(t.task)
     dev.publish(t.status("dev"), wire.encode(wire.StatusMsg(fed, 0, "dev", "online", 1, ["mlp"])), retain=True)
-    task = wire.decode(dev.wait_for(t.task)[0], expect="task")
+    task = dev.wait_for_open_task(t.task)
     spec = cfg.model.spec()
     delta = random_params(spec, seed=5)
     dev.publish(t.update("dev"), wire.encode(wire.UpdateMsg(fed, task.round, "dev", task.base, 1, delta, {})))
@@ -221,12 +224,14 @@ def test_serve_onnx_hot_swaps_from_round_one_to_round_two_while_answering(
     threading.Thread(target=lambda: [answers.put(line) for line in proc.stdout], daemon=True).start()
 
     def ask_until(round_: int) -> str:
-        for _ in range(200):
+        end = time.monotonic() + WAIT_S
+        while time.monotonic() < end:
             proc.stdin.write("2.0\n")
             proc.stdin.flush()
             line = answers.get(timeout=WAIT_S).strip()
             if line.startswith(f"{round_},"):
                 return line
+            time.sleep(0.02)  # keep answering while the next round is aggregated
         raise AssertionError(f"serve-onnx never answered with round {round_}")
 
     try:

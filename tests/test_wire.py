@@ -255,7 +255,9 @@ def test_task_and_status_enumerations():
     t = msgpack.unpackb(wire.encode(wire.TaskMsg("f1", 1, "b")), raw=False)
     assert _reason(_pack({**t, "state": "maybe"})) == "bad_field"
     assert _reason(_pack({**t, "selected": ["ok", "not ok"]})) == "bad_field"
-    assert _reason(_pack({**t, "config": {"epochs": 0, "batch_size": 1, "lr": 0.1}})) == "bad_field"
+    assert _reason(_pack({**t, "config": {"epochs": -1, "batch_size": 1, "lr": 0.1}})) == "bad_field"
+    assert _reason(_pack({**t, "mode": "turbo"})) == "bad_field"
+    assert _reason(_pack({**t, "retry_after": -1.0})) == "bad_field"
     assert _reason(_pack({**t, "deadline": float("inf")})) == "bad_field"
     s = msgpack.unpackb(wire.encode(wire.StatusMsg("f1", 0, "a", "online")), raw=False)
     assert _reason(_pack({**s, "state": "asleep"})) == "bad_field"
