@@ -374,13 +374,13 @@ class FedYogi(_Adaptive):
 class _Buffered(Strategy):
     """Keeps each update of the round as one flattened float32 row.
 
-    Memory: n × d × 4 bytes for n held updates of d parameters, plus during
-    :meth:`result` a float64 working block of about ``_CHUNK_BYTES`` (and
-    n × n float64 for Krum). Rows are moved into one n × d matrix at the
-    first :meth:`result`, freeing each row as it is copied, so the peak is
-    one copy of the updates, not two. Robust rules are unweighted: the
-    sample count cannot be verified, and weighting by it would let one
-    agent that claims many samples dominate.
+    Memory: n × d × 4 bytes for n held updates of d parameters. The rules
+    never build the n × d matrix: :meth:`_column_blocks` gathers the rows
+    block of columns by block of columns into one float64 buffer of about
+    ``_CHUNK_BYTES``, and works on that (Krum adds three n × n float64
+    arrays). Robust rules are unweighted: the sample count cannot be
+    verified, and weighting by it would let one agent that claims many
+    samples dominate.
     """
 
     streaming = False
@@ -391,10 +391,14 @@ class _Buffered(Strategy):
         self.clip_norm = float(clip_norm)
         self._layout: list[tuple[str, tuple[int, ...], int, int]] = []  # name, shape, offset, size
         self._d = 0
-        self._rows: list[np.ndarray | None] = []
-        self._matrix: np.ndarray | None = None
+        self._rows: list[np.ndarray] = []
         self.count = 0
         self.clipped = 0
+
+    @property
+    def rows(self) -> tuple[np.ndarray, ...]:
+        """The held updates (after clipping), flattened in parameter order, float32."""
+        return tuple(self._rows)
 
     def begin(self, global_params: Mapping[str, np.ndarray]) -> None:
         self._layout = []
@@ -405,7 +409,6 @@ class _Buffered(Strategy):
             off += size
         self._d = off
         self._rows = []
-        self._matrix = None
         self.count = 0
         self.clipped = 0
 
@@ -426,46 +429,46 @@ class _Buffered(Strategy):
     def full(self) -> bool:
         return self.count >= self.max_updates
 
-    def _stacked(self) -> np.ndarray:
-        """The held updates as one n × d float32 matrix (rows moved, not copied twice)."""
-        if self._rows or self._matrix is None:
-            n0 = 0 if self._matrix is None else len(self._matrix)
-            m = np.empty((n0 + len(self._rows), self._d), dtype=np.float32)
-            if n0:
-                m[:n0] = self._matrix
-            self._matrix = None
-            for i, row in enumerate(self._rows):
-                m[n0 + i] = row
-                self._rows[i] = None  # free it now: the peak stays one copy
-            self._rows = []
-            self._matrix = m
-        return self._matrix
+    def _column_blocks(self, rows: list[np.ndarray]) -> Iterator[tuple[slice, np.ndarray]]:
+        """(columns, their n × w float64 values) for consecutive column blocks.
 
-    def _blocks(self, n: int) -> Iterator[slice]:
-        """Column blocks whose n-row float64 copy is about _CHUNK_BYTES."""
-        width = max(1, _CHUNK_BYTES // (8 * max(n, 1)))
+        One buffer of about ``_CHUNK_BYTES`` is refilled for every block, so
+        the caller may sort or partition the block in place.
+        """
+        n = len(rows)
+        width = max(1, min(self._d, _CHUNK_BYTES // (8 * n)))
+        buf = np.empty((n, width), dtype=np.float64)
         for j in range(0, self._d, width):
-            yield slice(j, min(self._d, j + width))
+            w = min(width, self._d - j)
+            block = buf[:, :w]
+            for i, r in enumerate(rows):
+                block[i] = r[j:j + w]
+            yield slice(j, j + w), block
 
     @abstractmethod
-    def _aggregate(self, updates: np.ndarray) -> np.ndarray:
-        """The aggregate delta (float64, length d) of the n × d updates."""
+    def _aggregate(self, rows: list[np.ndarray]) -> np.ndarray:
+        """The aggregate delta (float64, length d) of the held rows."""
 
     def result(self, global_params: Mapping[str, np.ndarray]) -> Params:
         if self.count == 0:
             raise ValueError("no updates to aggregate")
-        agg = self._aggregate(self._stacked())
+        agg = self._aggregate(self._rows)
         with np.errstate(over="ignore"):
             return {
                 k: (global_params[k].astype(np.float64) + agg[off:off + size].reshape(shape)).astype(np.float32)
                 for k, shape, off, size in self._layout
             }
 
-    # shared coordinate-wise kernels
-    def _median(self, updates: np.ndarray) -> np.ndarray:
+    def _median(self, rows: list[np.ndarray]) -> np.ndarray:
         out = np.empty(self._d, dtype=np.float64)
-        for sl in self._blocks(len(updates)):
-            out[sl] = np.median(updates[:, sl].astype(np.float64), axis=0, overwrite_input=True)
+        for sl, block in self._column_blocks(rows):
+            out[sl] = np.median(block, axis=0, overwrite_input=True)
+        return out
+
+    def _mean(self, rows: list[np.ndarray]) -> np.ndarray:
+        out = np.empty(self._d, dtype=np.float64)
+        for sl, block in self._column_blocks(rows):
+            out[sl] = block.mean(axis=0)
         return out
 
 
@@ -475,8 +478,8 @@ class Median(_Buffered):
     def __init__(self, max_updates: int = 1000, clip_norm: float = 0.0) -> None:
         super().__init__("median", max_updates, clip_norm)
 
-    def _aggregate(self, updates):
-        return self._median(updates)
+    def _aggregate(self, rows):
+        return self._median(rows)
 
 
 class TrimmedMean(_Buffered):
@@ -491,12 +494,11 @@ class TrimmedMean(_Buffered):
         # the epsilon keeps e.g. 0.29 × 100 (= 28.999999999999996) at 29
         return int(math.floor(self.trim_beta * n + 1e-9))
 
-    def _aggregate(self, updates):
-        n = len(updates)
+    def _aggregate(self, rows):
+        n = len(rows)
         k = self.trimmed(n)
         out = np.empty(self._d, dtype=np.float64)
-        for sl in self._blocks(n):
-            block = updates[:, sl].astype(np.float64)
+        for sl, block in self._column_blocks(rows):
             block.sort(axis=0)
             out[sl] = block[k:n - k].mean(axis=0)
         return out
@@ -529,49 +531,45 @@ class Krum(_Buffered):
         self.selected = []
         self.fell_back = False
 
-    def krum_scores(self, updates: np.ndarray) -> np.ndarray:
+    def krum_scores(self, rows: list[np.ndarray]) -> np.ndarray:
         """Krum score of every row (needs n > 2f + 2)."""
-        n = len(updates)
-        # Pairwise squared distances from the Gram matrix, accumulated over
-        # column blocks in float64: ||a||² + ||b||² − 2a·b.
+        n = len(rows)
+        # Pairwise squared distances ||a||² + ||b||² − 2a·b from the Gram
+        # matrix, accumulated in float64 over column blocks.
         gram = np.zeros((n, n), dtype=np.float64)
-        for sl in self._blocks(n):
-            block = updates[:, sl].astype(np.float64)
+        for _sl, block in self._column_blocks(rows):
             gram += block @ block.T
         sq = np.diag(gram).copy()
         dist = sq[:, None] + sq[None, :] - 2.0 * gram
+        del gram
         np.maximum(dist, 0.0, out=dist)  # rounding can make a tiny distance negative
         np.fill_diagonal(dist, np.inf)
         k = n - self.f - 2
-        nearest = np.partition(dist, k - 1, axis=1)[:, :k]
-        return nearest.sum(axis=1)
+        dist.partition(k - 1, axis=1)
+        return dist[:, :k].sum(axis=1)
 
-    def _aggregate(self, updates):
-        n = len(updates)
+    def _aggregate(self, rows):
+        n = len(rows)
         if n <= 2 * self.f + 2:
             log.warning("%s needs more than 2f + 2 = %d updates, the round has %d: using the coordinate-wise median",
                         self.name, 2 * self.f + 2, n)
             self.fell_back = True
             self.scores = None
             self.selected = list(range(n))
-            return self._median(updates)
+            return self._median(rows)
         self.fell_back = False
-        self.scores = self.krum_scores(updates)
+        self.scores = self.krum_scores(rows)
         order = np.argsort(self.scores, kind="stable")
         if not self.multi:
             best = int(order[0])
             self.selected = [best]
-            return updates[best].astype(np.float64)
+            return rows[best].astype(np.float64)
         m = self.m or n - self.f
         if m > n - self.f:
             log.warning("multi_krum: m = %d exceeds n - f = %d this round; averaging %d", m, n - self.f, n - self.f)
             m = n - self.f
-        chosen = np.sort(order[:m])
-        self.selected = [int(i) for i in chosen]
-        out = np.empty(self._d, dtype=np.float64)
-        for sl in self._blocks(m):
-            out[sl] = updates[chosen, sl].astype(np.float64).mean(axis=0)
-        return out
+        self.selected = sorted(int(i) for i in order[:m])
+        return self._mean([rows[i] for i in self.selected])
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__, wire
+from .agent_store import AgentStore
 from .data import LocalData
+from .eligibility import EligibilityConfig, check_device
 from .models import Model, subtract
 from .mqtt import Connection, Loop, Publish
 from .spec import MODEL_KINDS
@@ -40,16 +42,41 @@ class Done:
     round: int
 
 
-Action = Publish | Train | Done
+@dataclass
+class SaveTrained:
+    """Action: persist the set of (round, attempt) already trained, before training."""
+
+    trained: set[tuple[int, int]]
+
+
+@dataclass
+class PutOutbox:
+    """Action: keep this update on disk until its round is over."""
+
+    key: tuple[int, int]
+    payload: bytes
+
+
+@dataclass
+class DropOutbox:
+    """Action: the round of this outbox entry is over."""
+
+    key: tuple[int, int]
+
+
+Action = Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox
 
 
 @dataclass
 class AgentCore:
     """The decision logic of one agent.
 
-    Rules: train only when selected in an open task whose base version equals
-    the model we hold; train at most once per round; drop anything malformed
-    with a counted reason and leave state unchanged.
+    Rules: train only when eligible and selected in an open task whose base
+    version equals the model we hold; train at most once per (round,
+    attempt), remembered across restarts; keep each update in the outbox
+    until its round is over and send it again after a reconnect while the
+    round is open; drop anything malformed with a counted reason and leave
+    state unchanged.
     """
 
     agent_id: str
@@ -60,8 +87,13 @@ class AgentCore:
     topics: Topics = field(init=False)
     model_msg: wire.ModelMsg | None = field(default=None, init=False)
     task: wire.TaskMsg | None = field(default=None, init=False)
-    trained: set[tuple[int, int]] = field(default_factory=set, init=False)
+    trained: set[tuple[int, int]] = field(default_factory=set)
+    outbox: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    eligible: bool = True
+    reason: str = ""
     rejected: Counter = field(default_factory=Counter, init=False)
+    resent: set[tuple[int, int]] = field(default_factory=set, init=False)
+    retry_after: float = field(default=0.0, init=False)
     updates_sent: int = field(default=0, init=False)
     finished: bool = field(default=False, init=False)
 
@@ -85,7 +117,8 @@ class AgentCore:
             num_samples=self.data.num_samples,
             capabilities=list(self.capabilities),
             software=__version__,
-            eligible=True,
+            eligible=self.eligible,
+            reason=self.reason,
         )
         return Publish(self.topics.status(self.agent_id), wire.encode(msg), qos=1, retain=True)
 
@@ -125,18 +158,52 @@ class AgentCore:
         self.model_msg = msg
         return self._maybe_train()
 
+    def set_eligibility(self, eligible: bool, reason: str = "") -> list[Action]:
+        """The device's eligibility was checked; a change is announced in the retained status."""
+        if (eligible, reason) == (self.eligible, self.reason):
+            return []
+        self.eligible, self.reason = eligible, reason
+        log.info("%s: %s", self.agent_id, "eligible" if eligible else f"not eligible: {reason}")
+        return [self.status("online"), *self._maybe_train()]
+
+    def connected(self) -> list[Action]:
+        """A (re)connection: announce ourselves; outbox entries may be sent again."""
+        self.resent.clear()
+        return [self.status("online"), *self._resend()]
+
     def _on_task(self, msg: wire.TaskMsg) -> list[Action]:
         self.task = msg
+        actions: list[Action] = []
+        for key in sorted(self.outbox):
+            if msg.state != "open" or key < (msg.round, msg.attempt):
+                del self.outbox[key]  # its round is over
+                actions.append(DropOutbox(key))
         if msg.state == "done":
             if not self.finished:
                 self.finished = True
-                return [Done(msg.round)]
+                actions.append(Done(msg.round))
+            return actions
+        if msg.state == "open" and self.agent_id not in msg.selected and msg.retry_after > 0:
+            self.retry_after = msg.retry_after  # pace steering: when to look again
+            log.debug("%s: not selected in round %d; next round expected in ~%.0fs",
+                      self.agent_id, msg.round, msg.retry_after)
+        return actions + self._resend() + self._maybe_train()
+
+    def _resend(self) -> list[Action]:
+        """The outbox entry of the open task, once per connection (the aggregator drops a second copy)."""
+        t = self.task
+        if t is None or t.state != "open":
             return []
-        return self._maybe_train()
+        key = (t.round, t.attempt)
+        if key not in self.outbox or key in self.resent:
+            return []
+        self.resent.add(key)
+        log.info("%s: sending the update of round %d attempt %d again", self.agent_id, *key)
+        return [Publish(self.topics.update(self.agent_id), self.outbox[key], qos=1, retain=False)]
 
     def _maybe_train(self) -> list[Action]:
         t, m = self.task, self.model_msg
-        if t is None or m is None or t.state != "open":
+        if t is None or m is None or t.state != "open" or not self.eligible:
             return []
         if self.agent_id not in t.selected or (t.round, t.attempt) in self.trained:
             return []
@@ -145,7 +212,7 @@ class AgentCore:
         # Claim the attempt now: never train twice for it. A re-run of an
         # abandoned round is a new attempt and may select us again.
         self.trained.add((t.round, t.attempt))
-        return [Train(t.round, t.attempt)]
+        return [SaveTrained(set(self.trained)), Train(t.round, t.attempt)]
 
     def train(self, round_number: int, attempt: int = 0) -> list[Action]:
         """Evaluate the global model on the holdout, train locally, return the update to publish.
@@ -187,11 +254,20 @@ class AgentCore:
             metrics=metrics,
         )
         self.updates_sent += 1
-        return [Publish(self.topics.update(self.agent_id), wire.encode(update), qos=1, retain=False)]
+        payload = wire.encode(update)
+        key = (round_number, attempt)
+        self.outbox[key] = payload
+        self.resent.add(key)  # this send counts for the current connection
+        return [PutOutbox(key, payload), Publish(self.topics.update(self.agent_id), payload, qos=1, retain=False)]
 
 
 class AgentRunner:
-    """Adapter: runs an :class:`AgentCore` over one MQTT connection on a :class:`Loop`."""
+    """Adapter: runs an :class:`AgentCore` over one MQTT connection on a :class:`Loop`.
+
+    With a ``store`` the trained rounds and the outbox live on disk; with an
+    ``eligibility`` config the device is checked every ``check_every``
+    seconds and a change is published in its status.
+    """
 
     def __init__(
         self,
@@ -199,10 +275,19 @@ class AgentRunner:
         core: AgentCore,
         broker,
         on_done: Callable[["AgentRunner"], None] | None = None,
+        store: AgentStore | None = None,
+        eligibility: EligibilityConfig | None = None,
     ) -> None:
         self.core = core
         self.loop = loop
         self.on_done = on_done
+        self.store = store
+        self.eligibility = eligibility
+        if store is not None:
+            core.trained |= store.load_trained()
+            core.outbox.update(store.load_outbox())
+        if eligibility is not None:
+            core.set_eligibility(*check_device(eligibility))
         self.conn = Connection(
             loop,
             broker,
@@ -213,13 +298,18 @@ class AgentRunner:
 
     def start(self) -> None:
         self.conn.open()
+        if self.eligibility is not None:
+            self.loop.call_every(
+                self.eligibility.check_every,
+                lambda: self._execute(self.core.set_eligibility(*check_device(self.eligibility))),
+            )
 
     # Handler protocol
     def subscriptions(self) -> list[str]:
         return self.core.subscriptions()
 
     def on_connected(self, conn: Connection) -> None:
-        conn.publish(self.core.status("online"))
+        self._execute(self.core.connected())
 
     def on_message(self, conn: Connection, topic: str, payload: bytes) -> None:
         self._execute(self.core.receive(topic, payload))
@@ -231,8 +321,16 @@ class AgentRunner:
             elif isinstance(a, Train):
                 # Deferred so the loop serves other clients' sockets between trainings.
                 self.loop.call_soon(lambda a=a: self._execute(self.core.train(a.round, a.attempt)))
+            elif isinstance(a, SaveTrained):
+                if self.store is not None:
+                    self.store.save_trained(a.trained)
+            elif isinstance(a, PutOutbox):
+                if self.store is not None:
+                    self.store.put_outbox(a.key, a.payload)
+            elif isinstance(a, DropOutbox):
+                if self.store is not None:
+                    self.store.drop_outbox(a.key)
             elif isinstance(a, Done):
                 log.info("%s: federation finished after round %d", self.core.agent_id, a.round)
                 if self.on_done is not None:
                     self.on_done(self)
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import BrokerConfig
+from .eligibility import EligibilityConfig
 from .wire import valid_id
 
 
@@ -19,6 +20,11 @@ class AgentConfig:
     holdout: float = field(default=0.2, metadata={"help": "fraction held out to evaluate the global model"})
     seed: int = field(default=0, metadata={"help": "seed of local shuffling and the holdout split"})
     exit_when_done: bool = field(default=False, metadata={"help": "exit when the federation says it is done"})
+    state_dir: str = field(
+        default="fedmqtt-agent-state",
+        metadata={"help": "where the outbox and the trained rounds are kept across restarts (empty: memory only)"},
+    )
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
     def problems(self) -> list[tuple[str, str]]:

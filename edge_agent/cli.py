@@ -93,6 +93,7 @@ def agent_main(argv: list[str]) -> int:
     """``fedmqtt agent``: one device."""
     from .agent import AgentCore, AgentRunner
     from .agent_config import AgentConfig
+    from .agent_store import AgentStore
     from .data import DataError, load as load_data, split_holdout
     from .mqtt import Loop
 
@@ -105,7 +106,14 @@ def agent_main(argv: list[str]) -> int:
     data = split_holdout(X, y, cfg.holdout, cfg.seed)
     loop = Loop()
     core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed)
-    runner = AgentRunner(loop, core, cfg.broker, on_done=(lambda _: loop.stop()) if cfg.exit_when_done else None)
+    runner = AgentRunner(
+        loop,
+        core,
+        cfg.broker,
+        on_done=(lambda _: loop.stop()) if cfg.exit_when_done else None,
+        store=AgentStore(cfg.state_dir) if cfg.state_dir else None,
+        eligibility=cfg.eligibility,
+    )
     runner.start()
     stop_on_signals(loop.stop)
     logging.getLogger("fedmqtt.agent").info(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_agent import wire
-from edge_agent.agent import AgentCore, Done, Train
+from edge_agent.agent import AgentCore, Done, DropOutbox, PutOutbox, SaveTrained, Train
 from edge_agent.data import LocalData
 from edge_agent.models import Model
 from edge_agent.mqtt import Publish
@@ -43,13 +43,23 @@ def task_msg(m: wire.ModelMsg, selected=("me",), attempt: int = 0, state: str = 
     return T.task, wire.encode(t)
 
 
+def trains(actions) -> list[Train]:
+    """The Train actions (each is preceded by persisting the trained set)."""
+    out = [a for a in actions if isinstance(a, Train)]
+    for t in out:
+        i = actions.index(t)
+        assert i > 0 and isinstance(actions[i - 1], SaveTrained) and (t.round, t.attempt) in actions[i - 1].trained
+    return out
+
+
 def test_trains_once_when_selected_on_the_model_it_holds():
     c = core()
     topic, payload, m = model_msg()
     assert c.receive(topic, payload) == []
-    assert c.receive(*task_msg(m)) == [Train(1, 0)]
+    assert trains(c.receive(*task_msg(m))) == [Train(1, 0)]
     assert c.receive(*task_msg(m)) == []  # the same task again (e.g. retained redelivery)
-    (pub,) = c.train(1, 0)
+    put, pub = c.train(1, 0)
+    assert isinstance(put, PutOutbox) and put.key == (1, 0) and put.payload == pub.payload
     assert isinstance(pub, Publish) and pub.topic == T.update("me") and pub.qos == 1 and not pub.retain
     u = wire.decode(pub.payload, expect="update", spec=SPEC)
     assert (u.round, u.agent, u.base, u.num_samples) == (1, "me", m.version, 40)
@@ -68,7 +78,7 @@ def test_task_before_model_waits_for_the_matching_model():
     c = core()
     topic, payload, m = model_msg()
     assert c.receive(*task_msg(m)) == []
-    assert c.receive(topic, payload) == [Train(1, 0)]
+    assert trains(c.receive(topic, payload)) == [Train(1, 0)]
 
 
 def test_not_selected_or_other_base_does_not_train():
@@ -84,8 +94,8 @@ def test_a_rerun_attempt_trains_again():
     c = core()
     topic, payload, m = model_msg()
     c.receive(topic, payload)
-    assert c.receive(*task_msg(m, attempt=0)) == [Train(1, 0)]
-    assert c.receive(*task_msg(m, attempt=1)) == [Train(1, 1)]
+    assert trains(c.receive(*task_msg(m, attempt=0))) == [Train(1, 0)]
+    assert trains(c.receive(*task_msg(m, attempt=1))) == [Train(1, 1)]
 
 
 def test_training_is_skipped_when_the_task_moved_on():
@@ -159,3 +169,74 @@ def test_status_and_last_will():
 def test_bad_agent_id_is_refused():
     with pytest.raises(ValueError):
         AgentCore(agent_id="a/b", fed=FED, data=data())
+
+
+# -- issue 4: eligibility, outbox, remembered rounds ---------------------------
+
+def test_ineligible_agent_says_why_and_does_not_train_until_eligible_again():
+    c = core()
+    topic, payload, m = model_msg()
+    c.receive(topic, payload)
+    (status,) = c.set_eligibility(False, "battery at 12%, below 30%")
+    s = wire.decode(status.payload, expect="status")
+    assert s.eligible is False and s.reason == "battery at 12%, below 30%" and status.retain
+    assert trains(c.receive(*task_msg(m))) == []
+    assert c.set_eligibility(False, "battery at 12%, below 30%") == []  # no change, nothing published
+    actions = c.set_eligibility(True)
+    assert wire.decode(actions[0].payload).eligible is True
+    assert trains(actions) == [Train(1, 0)]  # the open task it was selected for
+
+
+def test_outbox_resends_after_reconnect_while_the_round_is_open_and_drops_it_after():
+    c = core()
+    topic, payload, m = model_msg()
+    c.receive(topic, payload)
+    c.receive(*task_msg(m))
+    put, pub = c.train(1, 0)
+    assert c.outbox == {(1, 0): pub.payload}
+    again = [a for a in c.connected() if isinstance(a, Publish) and a.topic == T.update("me")]
+    assert [a.payload for a in again] == [pub.payload]
+    assert [a for a in c.receive(*task_msg(m)) if isinstance(a, Publish)] == []  # once per connection
+    # the round closes: the next task drops the entry
+    _, payload2, m2 = model_msg(round_=1)
+    c.receive(T.model, payload2)
+    actions = c.receive(*task_msg(m2, selected=("other",)))
+    assert DropOutbox((1, 0)) in actions and c.outbox == {}
+
+
+def test_a_restarted_agent_with_its_store_neither_retrains_nor_loses_its_update(tmp_path):
+    from edge_agent.agent import AgentRunner
+    from edge_agent.agent_store import AgentStore
+    from edge_agent.config import BrokerConfig
+    from edge_agent.mqtt import Loop
+
+    store = AgentStore(tmp_path)
+    first = AgentRunner(Loop(), core(), BrokerConfig(), store=store)
+    topic, payload, m = model_msg()
+    first._execute(first.core.receive(topic, payload))
+    first._execute(first.core.receive(*task_msg(m)))
+    first._execute(first.core.train(1, 0))  # what the deferred job would run
+    assert store.load_trained() == {(1, 0)} and list(store.load_outbox()) == [(1, 0)]
+
+    second = AgentRunner(Loop(), core(), BrokerConfig(), store=AgentStore(tmp_path))
+    c = second.core
+    c.receive(topic, payload)
+    actions = c.receive(*task_msg(m))
+    assert trains(actions) == []  # trained before the restart
+    assert [a.payload for a in actions if isinstance(a, Publish)] == [store.load_outbox()[(1, 0)]]
+
+
+def test_not_selected_agents_keep_the_pace_hint():
+    c = core()
+    topic, payload, m = model_msg()
+    c.receive(topic, payload)
+    t = wire.TaskMsg(FED, 1, m.version, "open", 0, 100.0, ["other"], wire.TrainConfig(), retry_after=42.0)
+    c.receive(T.task, wire.encode(t))
+    assert c.retry_after == 42.0
+
+
+def test_waiting_task_does_not_train():
+    c = core()
+    topic, payload, m = model_msg()
+    c.receive(topic, payload)
+    assert trains(c.receive(*task_msg(m, state="waiting"))) == []

@@ -175,7 +175,7 @@ def test_cli_processes_run_a_federation(fed, broker, tmp_path):
     agents = [
         subprocess.Popen(
             [FEDMQTT, "agent", "--federation", fed, "--agent-id", f"cli-{i}", "--data", str(tmp_path / f"agent{i}.npz"),
-             "--exit-when-done", "true", *common],
+             "--exit-when-done", "true", "--state-dir", str(tmp_path / f"agent{i}-state"), *common],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
@@ -203,7 +203,7 @@ def test_agent_command_imports_no_aggregator_code_or_extras(fed, broker, tmp_pat
         "import json, sys\n"
         "from edge_agent.cli import main\n"
         f"rc = main(['agent', '--broker', '{broker.address}', '--federation', '{fed}', '--agent-id', 'probe',"
-        f" '--data', '{tmp_path / 'd.npz'}', '--exit-when-done', 'true'])\n"
+        f" '--data', '{tmp_path / 'd.npz'}', '--exit-when-done', 'true', '--state-dir', '{tmp_path / 's'}'])\n"
         "print(json.dumps(sorted(sys.modules)))\n"
         "sys.exit(rc)\n"
     )

@@ -1,0 +1,61 @@
+"""What an agent keeps on disk: the rounds it trained for, and its outbox.
+
+``trained.json`` lists the (round, attempt) pairs already trained, so a
+restarted device never trains twice for the same attempt. ``outbox/`` holds
+each update until its round is over, so an update that may not have reached
+the broker is sent again after a reconnect or a restart while its round is
+still open (the aggregator drops a second copy as ``duplicate``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from .files import atomic_write
+
+log = logging.getLogger(__name__)
+
+_OUTBOX_FILE = re.compile(r"^r(\d+)-a(\d+)\.msgpack$")
+# Trained attempts remembered; older ones are forgotten (their rounds are long
+# closed, and a task never goes back in rounds).
+MAX_TRAINED_REMEMBERED = 1000
+
+
+class AgentStore:
+    """The on-disk state of one agent in ``state_dir``."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir)
+        (self.dir / "outbox").mkdir(parents=True, exist_ok=True)
+
+    def load_trained(self) -> set[tuple[int, int]]:
+        p = self.dir / "trained.json"
+        try:
+            return {(int(r), int(a)) for r, a in json.loads(p.read_text())}
+        except FileNotFoundError:
+            return set()
+        except (ValueError, TypeError) as exc:
+            log.warning("%s unreadable (%s); starting with no trained rounds", p, exc)
+            return set()
+
+    def save_trained(self, trained: set[tuple[int, int]]) -> None:
+        keep = sorted(trained)[-MAX_TRAINED_REMEMBERED:]
+        atomic_write(self.dir / "trained.json", json.dumps(keep).encode())
+
+    def load_outbox(self) -> dict[tuple[int, int], bytes]:
+        out = {}
+        for p in (self.dir / "outbox").iterdir():
+            m = _OUTBOX_FILE.match(p.name)
+            if m:
+                out[(int(m.group(1)), int(m.group(2)))] = p.read_bytes()
+        return out
+
+    def put_outbox(self, key: tuple[int, int], payload: bytes) -> None:
+        atomic_write(self.dir / "outbox" / f"r{key[0]}-a{key[1]}.msgpack", payload)
+
+    def drop_outbox(self, key: tuple[int, int]) -> None:
+        (self.dir / "outbox" / f"r{key[0]}-a{key[1]}.msgpack").unlink(missing_ok=True)
+
