@@ -69,6 +69,9 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--partition", choices=PARTITIONS, default=d.partition)
     p.add_argument("--alpha", type=_positive_float, default=d.alpha, help="Dirichlet concentration")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--mode", choices=("sync", "async"), default=d.mode,
+                   help="sync rounds, or async FedBuff (applies every --buffer updates)")
+    p.add_argument("--buffer", type=_positive_int, default=d.buffer, help="FedBuff: updates per model version")
     p.add_argument("--out", default=d.out, help="output directory (default ./fedmqtt-out)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
@@ -80,7 +83,7 @@ def demo_main(argv: list[str]) -> int:
     opts = DemoOptions(
         model=a.model, hidden=hidden, agents=a.agents, rounds=a.rounds, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, partition=a.partition, alpha=a.alpha, seed=a.seed,
-        out=a.out, broker=a.broker,
+        out=a.out, broker=a.broker, mode=a.mode, buffer=a.buffer,
     )
     # systemd, `timeout` or a terminal closing send SIGTERM: clean up exactly as for Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -124,6 +127,8 @@ def sim_main(argv: list[str]) -> int:
     p.add_argument("--holdout", type=float, default=0.0, help="fraction each agent holds out for evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exit-when-done", action="store_true", help="exit when the federation finishes")
+    p.add_argument("--prefix", default="agent", help="agent ids are PREFIX-000, PREFIX-001, ...")
+    p.add_argument("--train-delay", type=float, default=0.0, help="simulated compute seconds per training")
     p.add_argument("-v", "--verbose", action="count", default=1)
     a = p.parse_args(argv)
     setup_logging(a.verbose)
@@ -132,7 +137,8 @@ def sim_main(argv: list[str]) -> int:
         data = federated_digits(a.agents, a.partition, a.alpha, a.seed, a.holdout)
     else:
         data = federated_synthetic(a.agents, a.alpha, a.beta, a.seed)
-    sim = Simulation(BrokerConfig(host=host, port=port), a.federation, data.agents, seed=a.seed, loop=Loop())
+    sim = Simulation(BrokerConfig(host=host, port=port), a.federation, data.agents, seed=a.seed, loop=Loop(),
+                     prefix=a.prefix, train_delay=a.train_delay)
     stop_on_signals(sim.loop.stop)
     sim.start()
     try:

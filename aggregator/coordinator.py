@@ -293,7 +293,11 @@ class Coordinator:
                 return self._reject("not_selected", f"update from {agent} who is not selected in round {o.round}")
             if msg.base != self.version:
                 return self._reject("stale_base", f"update from {agent} on base {msg.base}, current {self.version}")
-        if agent in o.received:
+        # Sync: one update per agent per round. Async: one per agent per base
+        # version, so a stale update that landed in this buffer does not
+        # shut out the same agent's fresh one.
+        key = f"{agent}@{msg.base}" if self.async_mode else agent
+        if key in o.received:
             return self._reject("duplicate", f"second update from {agent} in round {o.round}")
         if self.strategy.full():
             return self._reject("round_full", f"update from {agent}: round {o.round} holds as many as the rule keeps")
@@ -301,10 +305,16 @@ class Coordinator:
         if not replay:
             actions.append(Journal({"type": "update", "round": o.round, "attempt": o.attempt, "agent": agent,
                                     "payload": bytes(payload), "at": now}))
-        # FedBuff's polynomial staleness weighting; 1 in synchronous mode.
-        weight = float(msg.num_samples) * (1.0 + staleness) ** -self.config.fedbuff.staleness_exponent
-        self.strategy.add(msg.delta, weight, msg.metrics)
-        o.received.add(agent)
+        delta = msg.delta
+        if staleness:
+            # FedBuff scales a stale delta by (1 + s)^-p and divides the sum by
+            # the plain weights. Scaling the *weight* instead would cancel out
+            # in a weighted mean whenever the whole buffer is equally stale
+            # and apply the same progress twice (seen: the demo diverging).
+            factor = np.float32((1.0 + staleness) ** -self.config.fedbuff.staleness_exponent)
+            delta = {k: v * factor for k, v in delta.items()}
+        self.strategy.add(delta, float(msg.num_samples), msg.metrics)
+        o.received.add(key)
         o.stale_sum += staleness
         self.accepted += 1
         self._add_metrics(o, msg)

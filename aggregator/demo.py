@@ -29,7 +29,7 @@ from edge_agent.wire import TrainConfig
 
 from . import checkpoint
 from .broker import LocalBroker
-from .config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
+from .config import AggregatorConfig, FedBuffConfig, ModelConfig, RoundConfig, TrainingConfig
 from .coordinator import RoundClosed, RoundSummary
 from .datasets import federated_digits
 from .onnx_export import to_onnx_bytes
@@ -63,6 +63,8 @@ class DemoOptions:
     out: str = "fedmqtt-out"
     broker: str | None = None
     federation: str = "demo"
+    mode: str = "sync"
+    buffer: int = 5
 
 
 @dataclass
@@ -123,7 +125,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 state_dir=state_dir,
                 model=_model_config(opts),
                 training=TrainingConfig(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr),
-                round=RoundConfig(min_agents=opts.agents, quorum=1, timeout=ROUND_TIMEOUT_S, seed=opts.seed),
+                round=RoundConfig(min_agents=opts.agents, quorum=1, timeout=ROUND_TIMEOUT_S, seed=opts.seed,
+                                  mode=opts.mode),
+                fedbuff=FedBuffConfig(buffer=min(opts.buffer, opts.agents)),
                 broker=bcfg,
             )
             model = Model(config.model.spec())

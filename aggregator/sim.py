@@ -40,6 +40,7 @@ class Simulation:
         seed: int = 0,
         prefix: str = "agent",
         loop: Loop | None = None,
+        train_delay: float = 0.0,
     ) -> None:
         self.loop = loop or Loop()
         self.finished = threading.Event()
@@ -50,6 +51,7 @@ class Simulation:
                 AgentCore(agent_id=aid, fed=federation, data=d, seed=agent_seed(seed, i)),
                 broker,
                 on_done=self._agent_done,
+                train_delay=train_delay,
             )
             for i, (aid, d) in enumerate(zip(agent_ids(len(datas), prefix), datas))
         ]

@@ -82,8 +82,9 @@ class Strategy(ABC):
     def add(self, delta: Mapping[str, np.ndarray], weight: float, metrics: Mapping[str, float] | None = None) -> None:
         """Fold one accepted update (``local - global``) into the round.
 
-        ``weight`` is the update's sample count (times a staleness factor in
-        asynchronous mode); rules that average uniformly ignore it.
+        ``weight`` is the update's sample count; rules that average
+        uniformly, and the robust rules, ignore it. (In asynchronous mode
+        the coordinator scales a stale delta before it gets here.)
         ``metrics`` are the agent's reported metrics (rules may ignore them).
         """
 
@@ -377,7 +378,7 @@ class _Buffered(Strategy):
     Memory: n × d × 4 bytes for n held updates of d parameters. The rules
     never build the n × d matrix: :meth:`_column_blocks` gathers the rows
     block of columns by block of columns into one float64 buffer of about
-    ``_CHUNK_BYTES``, and works on that (Krum adds three n × n float64
+    ``_CHUNK_BYTES``, and works on that (Krum adds two n × n float64
     arrays). Robust rules are unweighted: the sample count cannot be
     verified, and weighting by it would let one agent that claims many
     samples dominate.
@@ -540,8 +541,10 @@ class Krum(_Buffered):
         for _sl, block in self._column_blocks(rows):
             gram += block @ block.T
         sq = np.diag(gram).copy()
-        dist = sq[:, None] + sq[None, :] - 2.0 * gram
-        del gram
+        dist = gram
+        dist *= -2.0
+        dist += sq[:, None]
+        dist += sq[None, :]
         np.maximum(dist, 0.0, out=dist)  # rounding can make a tiny distance negative
         np.fill_diagonal(dist, np.inf)
         k = n - self.f - 2

@@ -277,8 +277,12 @@ class AgentRunner:
         on_done: Callable[["AgentRunner"], None] | None = None,
         store: AgentStore | None = None,
         eligibility: EligibilityConfig | None = None,
+        train_delay: float = 0.0,
     ) -> None:
         self.core = core
+        # Simulated compute time (fedmqtt sim --train-delay): a slow device,
+        # without blocking the loop that the other simulated agents share.
+        self.train_delay = train_delay
         self.loop = loop
         self.on_done = on_done
         self.store = store
@@ -320,7 +324,11 @@ class AgentRunner:
                 self.conn.publish(a)
             elif isinstance(a, Train):
                 # Deferred so the loop serves other clients' sockets between trainings.
-                self.loop.call_soon(lambda a=a: self._execute(self.core.train(a.round, a.attempt)))
+                job = lambda a=a: self._execute(self.core.train(a.round, a.attempt))  # noqa: E731
+                if self.train_delay > 0:
+                    self.loop.call_later(self.train_delay, job)
+                else:
+                    self.loop.call_soon(job)
             elif isinstance(a, SaveTrained):
                 if self.store is not None:
                     self.store.save_trained(a.trained)

@@ -57,15 +57,23 @@ class RawClient:
         self.messages: queue.Queue = queue.Queue()
         self.connected = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-        self.client.on_connect = lambda c, u, f, rc, p: self.connected.set()
+        self.topics: list[str] = []
+        self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         assert self.connected.wait(WAIT_S), "test client could not connect"
 
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        # Subscriptions do not survive a reconnect (e.g. a broker restart): renew them here.
+        for t in self.topics:
+            client.subscribe(t, qos=1)
+        self.connected.set()
+
     def subscribe(self, topic: str) -> None:
         done = threading.Event()
         self.client.on_subscribe = lambda *a: done.set()
+        self.topics.append(topic)
         self.client.subscribe(topic, qos=1)
         assert done.wait(WAIT_S)
 

@@ -522,12 +522,13 @@ def test_async_mode_weights_updates_by_staleness_and_rejects_too_stale_ones():
     c.receive(*update(c, "a0", [2, 0], n=1), now=1.0)
     c.receive(*update(c, "a1", [4, 0], n=1), now=1.0)
     assert c.round == 1 and theta(c.params)[0] == pytest.approx(3.0)  # buffer of 2 applied
-    # a2 trained on v0 (one version behind): weight (1 + 1)^-1 = 1/2; a0 is fresh: weight 1
+    # a2 trained on v0 (one version behind): its delta is scaled by (1 + 1)^-1 = 1/2; a0 is fresh
     stale = {"W0": np.array([[6.0 - 0.0]], np.float32), "b0": np.zeros(1, np.float32)}  # moves v0 (w=0) to 6
     c.receive(*update(c, "a2", [0, 0], n=1, base=v0, round=1, delta=stale), now=2.0)
     c.receive(*update(c, "a0", [5, 0], n=1), now=2.0)  # delta +2 from 3
-    # (0.5 x 6 + 1 x 2) / 1.5 = 10/3 added to 3
-    assert c.round == 2 and theta(c.params)[0] == pytest.approx(3.0 + 10.0 / 3.0, rel=1e-5)
+    # (0.5 x 6 + 1 x 2) / 2 = 2.5 added to 3: the stale update pulls less, and the
+    # normalisation does not undo it
+    assert c.round == 2 and theta(c.params)[0] == pytest.approx(3.0 + 2.5, rel=1e-5)
     # v0 is now two versions behind: beyond max_staleness = 1
     _assert_rejected(c, "too_stale", update(c, "a1", [0, 0], n=1, base=v0, round=1, delta=stale))
     _assert_rejected(c, "stale_base", update(c, "a1", [0, 0], base="ffffffffffffffff"))
@@ -543,3 +544,21 @@ def test_async_mode_lets_newcomers_in_without_reopening():
     actions = c.receive(*status("a1"), now=1.0)
     task = _task(actions)
     assert task.selected == ["a0", "a1"] and task.round == 1 and task.mode == "async" and task.attempt == 0
+
+
+def test_async_mode_takes_a_stale_and_a_fresh_update_from_the_same_agent():
+    c = Coordinator(async_config(), FedAvg())
+    c.config.fedbuff.buffer = 3
+    c.start(0.0)
+    for i in range(3):
+        c.receive(*status(f"a{i}"), now=0.0)
+    v0 = c.version
+    for a in ("a0", "a1", "a2"):
+        c.receive(*update(c, a, [1, 0]), now=1.0)
+    assert c.round == 1
+    v1 = c.version
+    delta = {"W0": np.array([[1.0]], np.float32), "b0": np.zeros(1, np.float32)}
+    c.receive(*update(c, "a1", [0, 0], base=v0, round=1, delta=delta), now=2.0)  # stale (trained on v0)
+    c.receive(*update(c, "a1", [2, 0]), now=2.0)  # fresh from the same agent: accepted too
+    _assert_rejected(c, "duplicate", update(c, "a1", [6, 0]))  # but not twice on the same base
+    assert c.open.received == {f"a1@{v0}", f"a1@{v1}"}

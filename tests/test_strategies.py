@@ -341,7 +341,7 @@ def test_clipping_bounds_every_delta_of_every_rule(name):
     assert s.clipped == sum(n > C for n in norms) == 3
     assert all(np.isfinite(a).all() and a.dtype == np.float32 for a in out.values())
     if name in BUFFERING:
-        rows = s._stacked().astype(np.float64)
+        rows = [r.astype(np.float64) for r in s.rows]
         for row, d, n in zip(rows, deltas, norms):
             assert np.linalg.norm(row) <= C * (1 + 1e-6)
             if n <= C:  # small deltas are kept bit for bit
@@ -386,6 +386,25 @@ def test_streaming_rules_use_o_model_memory():
     # the check has teeth: a rule that keeps every update holds n float32 copies
     kept = _peak_while_folding(Median(max_updates=n), n, size)
     assert kept > n * size * 4 > 50 * model64
+
+
+@pytest.mark.parametrize("name", BUFFERING)
+def test_buffering_rules_hold_one_float32_copy_of_the_updates(name, monkeypatch):
+    monkeypatch.setattr(strategies, "_CHUNK_BYTES", 1 << 20)
+    size, n = 50_000, 60
+    held, model64 = n * size * 4, size * 8
+    s = strategy(name)
+    g = {"W0": np.zeros(size, np.float32)}
+    deltas = [{"W0": np.full(size, float(i % 7), np.float32)} for i in range(n)]
+    tracemalloc.start()
+    try:
+        run_round(s, g, deltas)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the rows, one working block of columns, and a few model-sized vectors;
+    # never a second n x d matrix (that alone would be another `held`)
+    assert held < peak < held + 2 * strategies._CHUNK_BYTES + 4 * model64, (peak, held)
 
 
 # ---------------------------------------------------------------------------

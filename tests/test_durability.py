@@ -1,0 +1,312 @@
+"""Failures for real: kill -9 the aggregator, restart mosquitto, kill agents, take agents offline.
+
+Every test runs real processes or real MQTT clients against a real mosquitto
+and checks that training ends where an undisturbed run ends.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator import checkpoint
+from aggregator.broker import LocalBroker
+from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
+from aggregator.datasets import federated_digits
+from aggregator.demo import DemoOptions, run_demo
+from aggregator.journal import JournalFile
+from aggregator.sim import Simulation, agent_seed
+from aggregator.strategies import FedAvg
+from edge_agent import wire
+from edge_agent.agent import AgentCore, AgentRunner
+from edge_agent.agent_store import AgentStore
+from edge_agent.config import BrokerConfig
+from edge_agent.models import Model, subtract
+from edge_agent.mqtt import Loop
+from edge_agent.topics import Topics
+from edge_agent.training import round_seed, train_local
+
+from .conftest import WAIT_S, RawClient
+
+pytestmark = pytest.mark.broker
+
+FEDMQTT = str(Path(sys.executable).parent / "fedmqtt")
+
+
+def wait_until(cond, timeout: float = WAIT_S, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Device:
+    """A scripted device on a plain paho client: it moves θ = [w, b] where the test says, when it says."""
+
+    def __init__(self, broker, fed: str, name: str) -> None:
+        self.t = Topics(fed)
+        self.fed, self.name = fed, name
+        self.c = RawClient(broker, name)
+        self.c.subscribe(self.t.task)
+        self.c.publish(self.t.status(name), wire.encode(wire.StatusMsg(fed, 0, name, "online", 1, ["linear"])),
+                       retain=True)
+
+    def task(self, after_round: int) -> wire.TaskMsg:
+        return self.c.wait_for_open_task(self.t.task, after_round)
+
+    def send(self, task: wire.TaskMsg, target: list[float], current: list[float]) -> None:
+        delta = {"W0": np.array([[target[0] - current[0]]], np.float32),
+                 "b0": np.array([target[1] - current[1]], np.float32)}
+        upd = wire.UpdateMsg(self.fed, task.round, self.name, task.base, 1, delta, {})
+        self.c.publish(self.t.update(self.name), wire.encode(upd))
+
+    def close(self) -> None:
+        self.c.publish(self.t.status(self.name), b"", retain=True)
+        self.c.close()
+
+
+def linear_toml(path: Path, fed: str, state: Path, rounds: int, **round_kw) -> Path:
+    rk = {"min_agents": 3, "quorum": 3, "timeout": 60.0, **round_kw}
+    path.write_text(
+        f'federation = "{fed}"\nrounds = {rounds}\nstate_dir = "{state}"\n'
+        '[model]\nkind = "linear"\nn_features = 1\nn_outputs = 1\n'
+        "[round]\n" + "".join(f"{k} = {v}\n" for k, v in rk.items())
+    )
+    return path
+
+
+def start_aggregator_process(toml: Path, broker) -> subprocess.Popen:
+    return subprocess.Popen([FEDMQTT, "aggregator", "--config", str(toml), "--broker", broker.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_mid_round_and_updates_sent_while_down_are_used(fed, broker, tmp_path):
+    """kill -9 the aggregator after 2 of 3 updates of round 2; the third is sent while it is down."""
+    state = tmp_path / "state"
+    toml = linear_toml(tmp_path / "agg.toml", fed, state, rounds=3)
+    devices = [Device(broker, fed, f"dev{i}") for i in range(3)]
+    targets = {1: [[1, 1], [2, 2], [3, 3]], 2: [[4, 0], [5, 1], [6, 2]], 3: [[0, 0], [1, 1], [8, 2]]}
+    current = [0.0, 0.0]
+    agg = start_aggregator_process(toml, broker)
+    try:
+        task = devices[0].task(0)
+        for d, tgt in zip(devices, targets[1]):
+            d.send(task, tgt, current)
+        current = [2.0, 2.0]
+        task = devices[0].task(1)
+        assert task.round == 2
+        devices[0].send(task, targets[2][0], current)
+        devices[1].send(task, targets[2][1], current)
+        journal = JournalFile(state)
+        wait_until(lambda: sum(r["type"] == "update" and r["round"] == 2 for r in journal.load()) == 2,
+                   what="two round-2 updates in the journal")
+        agg.send_signal(signal.SIGKILL)
+        agg.wait(10)
+        # the third device publishes while no aggregator is connected
+        devices[2].send(task, targets[2][2], current)
+        time.sleep(0.2)
+        agg = start_aggregator_process(toml, broker)
+        current = [5.0, 1.0]
+        task = devices[0].task(2)
+        assert task.round == 3 and task.base == wire.params_version(
+            {"W0": np.array([[5.0]], np.float32), "b0": np.array([1.0], np.float32)})
+        for d, tgt in zip(devices, targets[3]):
+            d.send(task, tgt, current)
+        out, _ = agg.communicate(timeout=WAIT_S)
+        assert agg.returncode == 0, out
+        assert "resumed round 2 attempt 0 with 2 accepted updates" in out
+    finally:
+        if agg.poll() is None:
+            agg.kill()
+        for d in devices:
+            d.close()
+    final = checkpoint.load(state)
+    # an undisturbed run: the mean of each round's targets
+    assert final["round"] == 3
+    np.testing.assert_allclose([final["params"]["W0"][0, 0], final["params"]["b0"][0]], [3.0, 1.0], atol=1e-6)
+    assert [h["participants"] for h in final["history"]] == [3, 3, 3]
+
+
+def offline_fedavg(datas, cfg: AggregatorConfig, seed: int, rounds: int, extra_weight: float = 0.0):
+    """The federation without MQTT; ``extra_weight`` adds a zero delta of that weight each round."""
+    model = Model(cfg.model.spec())
+    params = model.init_params(cfg.model.seed)
+    t = cfg.training
+    tc = wire.TrainConfig(t.epochs, t.batch_size, t.lr)
+    for r in range(1, rounds + 1):
+        s = FedAvg()
+        s.begin(params)
+        for i, d in enumerate(datas):
+            local, _ = train_local(model, params, d.X_train, d.y_train, tc, round_seed(agent_seed(seed, i), r))
+            s.add(subtract(local, params), float(d.num_samples))
+        if extra_weight:
+            s.add({k: np.zeros_like(v) for k, v in params.items()}, extra_weight)
+        params = s.result(params)
+    return params
+
+
+def digits_cfg(fed, bcfg, tmp_path, rounds, **round_kw) -> AggregatorConfig:
+    return AggregatorConfig(
+        federation=fed, rounds=rounds, state_dir=str(tmp_path / "state"),
+        model=ModelConfig(kind="softmax", n_features=64, n_outputs=10),
+        training=TrainingConfig(epochs=2, batch_size=16, lr=0.1),
+        round=RoundConfig(**{"quorum": 1, "timeout": WAIT_S, **round_kw}), broker=bcfg,
+    )
+
+
+def test_broker_restart_with_persistence_in_the_middle_of_a_round(tmp_path, start_aggregator):
+    """mosquitto stops (SIGTERM, persisting) and comes back while round 1 waits for a slow device."""
+    fed = "restart"
+    with LocalBroker() as b:
+        bcfg = BrokerConfig(host=b.host, port=b.port)
+        data = federated_digits(3, "iid", 0.5, 2)
+        cfg = digits_cfg(fed, bcfg, tmp_path, rounds=2, min_agents=4)
+        ra = start_aggregator(cfg)
+        sim = Simulation(bcfg, fed, data.agents, seed=2)
+        slow = RawClient(b, "slow")
+        t = Topics(fed)
+        slow.subscribe(t.task)
+        slow.publish(t.status("slow"), wire.encode(wire.StatusMsg(fed, 0, "slow", "online", 1, ["softmax"])),
+                     retain=True)
+        sim.start()
+        try:
+            wait_until(lambda: ra.coordinator.open is not None and len(ra.coordinator.open.received) == 3,
+                       what="the three simulated agents' round-1 updates")
+            task = slow.wait_for_open_task(t.task, 0)
+            b.stop()
+            time.sleep(0.5)
+            b.start()  # same port, same persistence directory
+            wait_until(lambda: ra.service.conn.connected and all(r.conn.connected for r in sim.runners),
+                       what="everyone reconnecting")
+            zero = {k: np.zeros(s, np.float32) for k, s in cfg.model.spec().param_shapes().items()}
+            slow.publish(t.update("slow"), wire.encode(wire.UpdateMsg(fed, 1, "slow", task.base, 1, zero, {})))
+            task2 = slow.wait_for_open_task(t.task, 1)
+            slow.publish(t.update("slow"), wire.encode(wire.UpdateMsg(fed, 2, "slow", task2.base, 1, zero, {})))
+            ra.wait_finished()
+        finally:
+            sim.stop()
+            slow.close()
+    expected = offline_fedavg(data.agents, cfg, 2, 2, extra_weight=1.0)
+    for k in expected:
+        np.testing.assert_allclose(ra.coordinator.params[k], expected[k], atol=1e-6)
+    assert [h.participants for h in ra.coordinator.history] == [4, 4]
+
+
+def _sim(broker, fed, n, prefix, delay=0.0, extra=()) -> subprocess.Popen:
+    return subprocess.Popen(
+        [FEDMQTT, "sim", "--agents", str(n), "--broker", broker.address, "--federation", fed, "--partition", "iid",
+         "--prefix", prefix, "--train-delay", str(delay), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def test_killing_30_percent_of_the_selected_agents(fed, broker, broker_config, tmp_path, start_aggregator):
+    """3 of 10 selected agents are killed mid-round: the round closes at the deadline with quorum 7."""
+    cfg = digits_cfg(fed, broker_config, tmp_path, rounds=1, min_agents=10, quorum=7, timeout=3.0)
+    ra = start_aggregator(cfg)
+    slow = _sim(broker, fed, 3, "slow", delay=60.0)
+    fast = _sim(broker, fed, 7, "fast")
+    try:
+        wait_until(lambda: ra.coordinator.open is not None and len(ra.coordinator.open.received) == 7,
+                   what="the 7 fast updates")
+        assert len(ra.coordinator.open.selected) == 10
+        os.kill(slow.pid, signal.SIGKILL)
+        ra.wait_finished()
+    finally:
+        for p in (slow, fast):
+            p.kill()
+            p.wait()
+    (s,) = ra.coordinator.history
+    assert (s.selected, s.participants, s.metrics["dropouts"]) == (10, 7, 3.0)
+    assert s.seconds >= 3.0  # it waited for the deadline
+
+
+def test_too_few_survivors_abandon_the_round_and_it_reruns(fed, broker, broker_config, tmp_path, start_aggregator):
+    cfg = digits_cfg(fed, broker_config, tmp_path, rounds=1, min_agents=7, quorum=8, timeout=3.0)
+    ra = start_aggregator(cfg)
+    slow = _sim(broker, fed, 3, "slow", delay=60.0)
+    fast = None
+    try:
+        wait_until(lambda: sum(a.startswith("slow") for a in ra.coordinator.agents) == 3, what="the slow agents")
+        fast = _sim(broker, fed, 7, "fast")
+        wait_until(lambda: ra.coordinator.open is not None, what="round 1 opening")
+        first = list(ra.coordinator.open.selected)
+        assert {"slow-000", "slow-001", "slow-002"} <= set(first)
+        os.kill(slow.pid, signal.SIGKILL)
+        ra.wait_finished()
+    finally:
+        for p in (slow, fast):
+            if p is not None:
+                p.kill()
+                p.wait()
+    (s,) = ra.coordinator.history
+    assert s.attempt == 1  # attempt 0 was abandoned
+    assert s.participants == 7 and all(a.startswith("fast") for a in ra.coordinator.agents
+                                       if ra.coordinator.agents[a].online)
+    assert ra.coordinator.rejected.get("wrong_round", 0) == 0
+
+
+def test_an_agent_offline_for_three_rounds_rejoins_from_the_retained_model_and_task(
+    fed, broker_config, tmp_path, start_aggregator
+):
+    data = federated_digits(4, "iid", 0.5, 3)
+    # a round that selected the roamer before it left closes at its 2 s deadline with the other three
+    cfg = digits_cfg(fed, broker_config, tmp_path, rounds=7, min_agents=3, quorum=3, timeout=2.0)
+    ra = start_aggregator(cfg)
+    sim = Simulation(broker_config, fed, data.agents[:3], seed=3)
+    store_dir = tmp_path / "roamer"
+
+    def roamer() -> tuple[AgentRunner, Loop]:
+        loop = Loop()
+        r = AgentRunner(loop, AgentCore("roamer", fed, data.agents[3], seed=7), broker_config, store=AgentStore(store_dir))
+        r.start()
+        loop.start(name="roamer")
+        return r, loop
+
+    gate = threading.Event()
+    r1, loop1 = roamer()
+    sim.start()
+    try:
+        # round 1 needs min_agents = 3 only; wait until the roamer took part in a round
+        wait_until(lambda: r1.core.updates_sent >= 1, what="the roamer's first update")
+        loop1.stop()
+        loop1.thread.join(10)  # clean stop: it publishes "offline" first
+        wait_until(lambda: not ra.coordinator.agents["roamer"].online, what="the roamer going offline")
+        went = ra.coordinator.round
+        wait_until(lambda: ra.coordinator.round >= went + 3, what="three rounds without the roamer")
+        sim.loop.call_soon_threadsafe(lambda: gate.wait(WAIT_S))  # hold the others: the roamer must catch up
+        r2, loop2 = roamer()
+        wait_until(lambda: ra.coordinator.agents["roamer"].online, what="the roamer back online")
+        back = ra.coordinator.round
+        gate.set()
+        ra.wait_finished()
+    finally:
+        gate.set()
+        sim.stop()
+        for lp in (loop1, locals().get("loop2")):
+            if lp is not None:
+                lp.stop()
+    missed = {h.round for h in ra.coordinator.history if went < h.round <= went + 3}
+    assert len(missed) == 3
+    trained_rounds = {r for r, _ in r2.core.trained}
+    assert not trained_rounds & missed  # it trained in none of the rounds it was away for
+    assert max(trained_rounds) > back  # and in a round after it came back
+    assert r2.core.model_msg.round >= back  # from the retained model, not the one it had
+
+
+def test_async_mode_is_within_two_points_of_sync_on_the_demo(tmp_path):
+    sync = run_demo(DemoOptions(rounds=20, out=str(tmp_path / "sync")), io.StringIO())
+    # FedBuff applies every 5 updates: 40 versions use the same 200 local trainings as 20 sync rounds
+    asyn = run_demo(DemoOptions(rounds=40, mode="async", buffer=5, out=str(tmp_path / "async")), io.StringIO())
+    assert abs(asyn.final_accuracy - sync.final_accuracy) <= 0.02, (asyn.final_accuracy, sync.final_accuracy)
+    assert any(s.metrics.get("mean_staleness", 0) > 0 for s in asyn.rounds)  # it really was asynchronous
