@@ -24,7 +24,7 @@ def main(command: str, argv: list[str]) -> int:
     """Run one aggregator-side subcommand; user errors become one line and exit code 2."""
     try:
         commands = {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main,
-                    "export": export_main, "serve-onnx": serve_onnx_main}
+                    "export": export_main, "serve-onnx": serve_onnx_main, "status": status_main}
         return commands[command](argv)
     except (BrokerError, DataError, PartitionError, ExportError, TimeoutError) as exc:
         sys.stderr.write(f"fedmqtt {command}: error: {exc}\n")
@@ -207,3 +207,17 @@ def serve_onnx_main(argv: list[str]) -> int:
     finally:
         follower.stop()
     return 1 if errors else 0
+
+
+def status_main(argv: list[str]) -> int:
+    """``fedmqtt status``: the fleet and the last rounds, from retained messages alone."""
+    from .status import collect, render
+
+    p = argparse.ArgumentParser(prog="fedmqtt status",
+                                description="Show a federation's agents and last rounds from the broker's retained messages.")
+    p.add_argument("--broker", metavar="HOST:PORT", default="127.0.0.1:1883")
+    p.add_argument("--federation", "--fed", default="demo")
+    a = p.parse_args(argv)
+    host, port = parse_hostport(a.broker)
+    sys.stdout.write(render(collect(BrokerConfig(host=host, port=port), a.federation)))
+    return 0

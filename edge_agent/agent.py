@@ -154,7 +154,13 @@ class AgentCore:
                 f"model expects {msg.spec.n_features} features, local data has {self.data.X_train.shape[1]}",
             )
         if self.model_msg is not None and msg.round < self.model_msg.round:
-            return self._reject("old_model", f"model of round {msg.round} is older than {self.model_msg.round}")
+            # MQTT keeps the order of one topic, so a lower round arriving
+            # later was really published after the higher one: the federation
+            # was restarted from scratch. Follow it (refusing it left agents
+            # stuck on a dead run's retained model). Replayed old models are
+            # a matter for model signatures, not for round numbers.
+            log.info("%s: model went back from round %d to %d: the federation restarted",
+                     self.agent_id, self.model_msg.round, msg.round)
         self.model_msg = msg
         return self._maybe_train()
 

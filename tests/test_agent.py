@@ -144,11 +144,15 @@ def test_model_for_other_data_or_unsupported_kind_is_dropped():
     assert c.model_msg is None
 
 
-def test_an_older_model_does_not_replace_a_newer_one():
+def test_a_restarted_federation_is_followed_even_though_its_rounds_start_again():
+    # seen for real: agents kept a dead run's retained round-20 model and never
+    # trained on the new run's round-0 model
     c = core()
-    c.receive(*model_msg(round_=4)[:2])
-    c.receive(*model_msg(round_=2)[:2])
-    assert c.model_msg.round == 4 and c.rejected["old_model"] == 1
+    c.receive(*model_msg(round_=20)[:2])
+    topic, payload, m = model_msg(round_=0)
+    c.receive(topic, payload)
+    assert c.model_msg.round == 0 and not c.rejected
+    assert trains(c.receive(*task_msg(m))) == [Train(1, 0)]
 
 
 def test_cleared_retained_messages_and_foreign_topics_are_ignored():

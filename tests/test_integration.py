@@ -251,3 +251,30 @@ def test_sim_command_runs_agents_against_a_broker(fed, broker, broker_config, tm
     assert [s.participants for s in summaries] == [3, 3]
     # with a holdout the agents evaluate the global model before training: federated evaluation
     assert 0.0 <= summaries[1].metrics["eval_accuracy"] <= 1.0 and summaries[1].metrics["eval_accuracy"] > 0.5
+
+
+def test_status_command_shows_the_fleet_and_last_rounds_from_retained_messages(
+    fed, broker, broker_config, tmp_path, start_aggregator
+):
+    data = federated_digits(3, "iid", 0.5, 0)
+    cfg = digits_config(fed, broker_config, tmp_path, rounds=2, min_agents=3)
+    ra = start_aggregator(cfg, evaluate=lambda p: {"accuracy": 0.5})
+    sim = Simulation(broker_config, fed, data.agents, seed=0)
+    sim.start()
+    try:
+        ra.wait_finished()
+        proc = subprocess.run([FEDMQTT, "status", "--broker", broker.address, "--federation", fed],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        sim.stop()
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"federation {fed}" in out and "finished after round 2" in out
+    assert "3 known, 3 online, 3 eligible" in out
+    assert all(f"agent-00{i}" in out for i in range(3))
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[:3] for r in rows] == [["1", "3", "3"], ["2", "3", "3"]]  # round, updates, selected
+    assert all(r[4] == "0.5000" for r in rows)  # test_accuracy column
+    empty = subprocess.run([FEDMQTT, "status", "--broker", broker.address, "--federation", fed + "-none"],
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 0 and "nothing retained" in empty.stdout
