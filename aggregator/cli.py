@@ -72,6 +72,13 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--mode", choices=("sync", "async"), default=d.mode,
                    help="sync rounds, or async FedBuff (applies every --buffer updates)")
     p.add_argument("--buffer", type=_positive_int, default=d.buffer, help="FedBuff: updates per model version")
+    p.add_argument("--dp", choices=("off", "central", "local", "distributed"), default=d.dp,
+                   help="client-level differential privacy: who adds the noise")
+    p.add_argument("--noise", type=_positive_float, default=d.noise, help="DP noise multiplier z")
+    p.add_argument("--clip", type=_positive_float, default=d.clip, help="DP clip norm S")
+    p.add_argument("--expected", type=int, default=d.expected, help="DP: expected agents per round (0: half)")
+    p.add_argument("--budget", type=float, default=d.budget, help="DP: stop before epsilon would exceed this")
+    p.add_argument("--adaptive-clip", action="store_true", help="DP: adapt the clip norm (Andrew et al. 2021)")
     p.add_argument("--out", default=d.out, help="output directory (default ./fedmqtt-out)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
@@ -83,7 +90,8 @@ def demo_main(argv: list[str]) -> int:
     opts = DemoOptions(
         model=a.model, hidden=hidden, agents=a.agents, rounds=a.rounds, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, partition=a.partition, alpha=a.alpha, seed=a.seed,
-        out=a.out, broker=a.broker, mode=a.mode, buffer=a.buffer,
+        out=a.out, broker=a.broker, mode=a.mode, buffer=a.buffer, dp=a.dp, noise=a.noise, clip=a.clip,
+        expected=a.expected, budget=a.budget, adaptive_clip=a.adaptive_clip,
     )
     # systemd, `timeout` or a terminal closing send SIGTERM: clean up exactly as for Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -103,7 +111,7 @@ def aggregator_main(argv: list[str]) -> int:
         AggregatorConfig, "fedmqtt aggregator", "Run the aggregator service.", "deploy/aggregator.toml", argv
     )
     loop = Loop()
-    service = AggregatorService(cfg, loop, on_finished=lambda r: loop.stop())
+    service = AggregatorService(cfg, loop, on_finished=lambda f: loop.stop())
     service.start()
     stop_on_signals(loop.stop)
     log.info("aggregator for federation %s on %s:%d, state in %s",

@@ -186,6 +186,73 @@ class StrategyConfig:
         return out
 
 
+PRIVACY_MODES = ("off", "central", "local", "distributed")
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (README "Privacy"; McMahan et al. 2018, Andrew et al. 2021)."""
+
+    mode: str = field(default="off", metadata={"help": "off | central | local | distributed: who adds the noise"})
+    clip: float = field(default=1.0, metadata={"help": "L2 clip norm S of every update (the initial one with adaptive_clip)"})
+    noise_multiplier: float = field(default=1.0, metadata={"help": "z: noise std is z x S on the sum of updates"})
+    target_epsilon: float = field(
+        default=0.0, metadata={"help": "> 0: choose z so that `rounds` rounds spend this epsilon (needs population)"}
+    )
+    delta: float = field(default=1e-5, metadata={"help": "the delta of (epsilon, delta)"})
+    budget: float = field(default=0.0, metadata={"help": "never start a round that would take epsilon above this (0: no cap)"})
+    accountant: str = field(default="rdp", metadata={"help": "rdp | pld (dp-accounting)"})
+    population: int = field(
+        default=0, metadata={"help": "devices in the population (0: every agent the aggregator has seen)"}
+    )
+    expected_per_round: int = field(
+        default=0, metadata={"help": "expected devices per round, q = this / population (0: [round] agents_per_round)"}
+    )
+    min_clients: int = field(
+        default=2, metadata={"help": "distributed: each device adds noise z S / sqrt(min_clients)"}
+    )
+    adaptive_clip: bool = field(default=False, metadata={"help": "adapt S towards the target quantile of update norms"})
+    target_quantile: float = field(default=0.5, metadata={"help": "adaptive clipping: share of updates left unclipped"})
+    clip_lr: float = field(default=0.2, metadata={"help": "adaptive clipping: geometric learning rate eta_C"})
+    count_stddev: float = field(
+        default=0.0, metadata={"help": "adaptive clipping: noise on the unclipped count (0: expected_per_round / 20)"}
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.mode not in PRIVACY_MODES:
+            out.append(("mode", f"must be one of {', '.join(PRIVACY_MODES)}, got {self.mode!r}"))
+        if not self.clip > 0:
+            out.append(("clip", f"must be > 0, got {self.clip}"))
+        if not 0 < self.noise_multiplier <= 1000:
+            out.append(("noise_multiplier", f"must be in (0, 1000], got {self.noise_multiplier}"))
+        if self.target_epsilon < 0 or self.budget < 0:
+            out.append(("target_epsilon" if self.target_epsilon < 0 else "budget", "must be >= 0"))
+        if not 0 < self.delta < 1:
+            out.append(("delta", f"must be in (0, 1), got {self.delta}"))
+        if self.accountant not in ("rdp", "pld"):
+            out.append(("accountant", f"must be rdp or pld, got {self.accountant!r}"))
+        if self.population < 0 or self.expected_per_round < 0:
+            out.append(("population" if self.population < 0 else "expected_per_round", "must be >= 0"))
+        if self.population and self.expected_per_round > self.population:
+            out.append(("expected_per_round", f"{self.expected_per_round} is more than the population {self.population}"))
+        if self.target_epsilon and not self.population:
+            out.append(("population", "target_epsilon needs the population size to plan the noise"))
+        if self.min_clients < 1:
+            out.append(("min_clients", f"must be >= 1, got {self.min_clients}"))
+        if not 0 < self.target_quantile < 1:
+            out.append(("target_quantile", f"must be in (0, 1), got {self.target_quantile}"))
+        if not 0 < self.clip_lr <= 10:
+            out.append(("clip_lr", f"must be in (0, 10], got {self.clip_lr}"))
+        if self.count_stddev < 0:
+            out.append(("count_stddev", f"must be >= 0, got {self.count_stddev}"))
+        return out
+
+
 @dataclass
 class OnnxConfig:
     """ONNX export of the global model (needs the ``aggregator`` extra: onnx)."""
@@ -221,6 +288,7 @@ class AggregatorConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
     fedbuff: FedBuffConfig = field(default_factory=FedBuffConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
@@ -234,6 +302,12 @@ class AggregatorConfig:
             out.append(("state_dir", "must not be empty"))
         if not 0 <= self.session_expiry <= 0xFFFFFFFF:
             out.append(("session_expiry", f"must be in 0..4294967295 seconds, got {self.session_expiry}"))
+        p = self.privacy
+        if p.enabled and not (p.expected_per_round or self.round.agents_per_round):
+            out.append(("privacy.expected_per_round", "DP needs the expected devices per round "
+                        "(set it, or [round] agents_per_round)"))
+        if p.enabled and self.round.mode == "async":
+            out.append(("privacy.mode", "differential privacy needs synchronous rounds ([round] mode = sync)"))
         labels = self.onnx.class_labels
         if labels and (self.model.kind == "linear" or len(labels) != self.model.n_outputs):
             out.append(("onnx.class_labels", f"needs one name per class ({self.model.n_outputs}), got {len(labels)}"))

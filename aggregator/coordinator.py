@@ -130,9 +130,10 @@ class RoundAbandoned:
 
 @dataclass
 class Finished:
-    """Action (notification): the configured number of rounds is done."""
+    """Action (notification): the federation is over (rounds done, or the privacy budget spent)."""
 
     round: int
+    reason: str = ""
 
 
 Action = Publish | Journal | SaveCheckpoint | RoundClosed | RoundAbandoned | Finished
@@ -150,6 +151,7 @@ class _OpenRound:
     # weighted sums of agent-reported metrics: name -> (sum of w*value, sum of w)
     metric_sums: dict[str, list[float]] = field(default_factory=dict)
     stale_sum: float = 0.0
+    q: float = 1.0  # DP sampling rate of this round's selection
 
 
 class Coordinator:
@@ -175,6 +177,12 @@ class Coordinator:
         self.accepted = 0
         self.finished = False
         self._journal_backlog = list(journal or [])
+        self.privacy = None
+        if config.privacy.enabled:
+            from .privacy import PrivacyEngine
+
+            self.privacy = PrivacyEngine(config, (state or {}).get("privacy"))
+            self.strategy = self.privacy.wrap(strategy)
         if state is None:
             self.round = 0
             self.params: Params = Model(self.spec).init_params(config.model.seed)
@@ -355,8 +363,23 @@ class Coordinator:
         rc = self.config.round
         if len(candidates) < rc.min_agents:
             return []
+        q = 1.0
         if self.async_mode:
             selected, target, deadline = candidates, self.config.fedbuff.buffer, math.inf
+        elif self.privacy is not None:
+            q = self.privacy.sampling_rate(len(self.agents))
+            problem = self.privacy.budget_problem(q)
+            if problem:
+                log.warning("%s; the federation ends after round %d", problem, self.round)
+                self.finished = True
+                return [self._task_done(), Finished(self.round, problem)]
+            # Poisson sampling, as the accountant assumes. An empty draw opens
+            # nothing and is redrawn at the next tick (negligible for the
+            # expected sizes DP needs: P(empty) = (1 - q)^N).
+            selected = self.privacy.select(candidates, q, self.rng)
+            if not selected:
+                return []
+            target, deadline = len(selected), now + rc.timeout
         else:
             if rc.agents_per_round:
                 target = min(rc.agents_per_round, len(candidates))
@@ -372,11 +395,12 @@ class Coordinator:
                 selected = candidates
             deadline = now + rc.timeout
         self._open_round(self.round + 1, self.attempt, selected, target, now, deadline)
+        self.open.q = q
         log.info("round %d attempt %d opened: %d selected for a target of %d (of %d eligible online)",
                  self.round + 1, self.attempt, len(selected), target, len(candidates))
         record = {"type": "open", "round": self.round + 1, "attempt": self.attempt, "selected": selected,
                   "target": target, "opened_at": now, "deadline": None if math.isinf(deadline) else deadline,
-                  "rng": self.rng.bit_generator.state}
+                  "rng": self.rng.bit_generator.state, "q": q}
         return [Journal(record), self._task_publish(now)]
 
     def _open_round(self, rnd: int, attempt: int, selected: list[str], target: int, now: float, deadline: float) -> None:
@@ -424,6 +448,9 @@ class Coordinator:
         metrics["dropouts"] = float(max(0, len(o.selected) - len(o.received))) if not self.async_mode else 0.0
         if self.async_mode:
             metrics["mean_staleness"] = o.stale_sum / max(1, len(o.received))
+        if self.privacy is not None:
+            metrics.update(self.privacy.charge(o.q))
+            metrics["clip"] = self.privacy.clip
         summary = RoundSummary(
             round=o.round,
             attempt=o.attempt,
@@ -485,6 +512,7 @@ class Coordinator:
         o = self.open
         assert o is not None
         t = self.config.training
+        clip_norm, noise_std = self.privacy.task_noise() if self.privacy is not None else (0.0, 0.0)
         task = wire.TaskMsg(
             fed=self.config.federation,
             round=o.round,
@@ -494,7 +522,8 @@ class Coordinator:
             deadline=0.0 if math.isinf(o.deadline) else o.deadline,
             selected=o.selected,
             config=wire.TrainConfig(
-                epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu
+                epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu,
+                clip_norm=clip_norm, noise_std=noise_std,
             ),
             # Agents not selected look again when this round should be over.
             retry_after=0.0 if math.isinf(o.deadline) else max(0.0, min(o.deadline - now, self._pace())),
@@ -531,6 +560,7 @@ class Coordinator:
             "recent_versions": dict(self.recent_versions),
             "strategy": {"name": self.strategy.name, "state": self.strategy.state_dict()},
             "history": [asdict(s) for s in self.history],
+            **({"privacy": self.privacy.state()} if self.privacy is not None else {}),
         }
 
     def _restore(self, state: Mapping[str, Any]) -> None:
@@ -566,6 +596,7 @@ class Coordinator:
                 deadline = math.inf if rec["deadline"] is None else float(rec["deadline"])
                 self._open_round(int(rec["round"]), self.attempt, list(rec["selected"]), int(rec["target"]),
                                  float(rec["opened_at"]), deadline)
+                self.open.q = float(rec.get("q", 1.0))
             elif kind == "update" and self.open is not None and \
                     (rec["round"], rec["attempt"]) == (self.open.round, self.open.attempt):
                 actions += self._on_update(rec["agent"], rec["payload"], now, replay=True)

@@ -29,7 +29,7 @@ from edge_agent.wire import TrainConfig
 
 from . import checkpoint
 from .broker import LocalBroker
-from .config import AggregatorConfig, FedBuffConfig, ModelConfig, RoundConfig, TrainingConfig
+from .config import AggregatorConfig, FedBuffConfig, ModelConfig, PrivacyConfig, RoundConfig, TrainingConfig
 from .coordinator import RoundClosed, RoundSummary
 from .datasets import federated_digits
 from .onnx_export import to_onnx_bytes
@@ -65,6 +65,12 @@ class DemoOptions:
     federation: str = "demo"
     mode: str = "sync"
     buffer: int = 5
+    dp: str = "off"  # off | central | local | distributed
+    noise: float = 1.0
+    clip: float = 1.0
+    expected: int = 0  # DP: expected devices per round (0: half the agents)
+    budget: float = 0.0
+    adaptive_clip: bool = False
 
 
 @dataclass
@@ -128,8 +134,16 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 round=RoundConfig(min_agents=opts.agents, quorum=1, timeout=ROUND_TIMEOUT_S, seed=opts.seed,
                                   mode=opts.mode),
                 fedbuff=FedBuffConfig(buffer=min(opts.buffer, opts.agents)),
+                privacy=PrivacyConfig(mode=opts.dp, noise_multiplier=opts.noise, clip=opts.clip,
+                                      expected_per_round=opts.expected or max(1, opts.agents // 2),
+                                      population=opts.agents, budget=opts.budget,
+                                      adaptive_clip=opts.adaptive_clip),
                 broker=bcfg,
             )
+            if opts.dp != "off":
+                # DP rounds select by Poisson sampling; quorum 1 and a short
+                # deadline keep a round whose draw came up small moving.
+                config.round.min_agents = 1
             model = Model(config.model.spec())
             agg_loop = Loop()
             loops.append(agg_loop)
@@ -138,7 +152,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 agg_loop,
                 evaluate=lambda p: model.evaluate(p, data.X_test, data.y_test),
                 on_round=lambda a: events.put(a),
-                on_finished=lambda r: events.put(("finished", r)),
+                on_finished=lambda f: events.put(("finished", f.round, f.reason)),
             )
             service.start()
             agg_loop.start(name="fedmqtt-aggregator")
@@ -194,12 +208,15 @@ def _follow(events: queue.Queue, rounds: int, out: TextIO) -> list[RoundSummary]
             line = (
                 f"round {s.round:3d}/{rounds}  participants {s.participants:3d}  "
                 f"accuracy {s.metrics.get('test_accuracy', float('nan')):.4f}  {s.seconds:6.2f}s"
+                + (f"  epsilon {s.metrics['epsilon']:.3f}" if "epsilon" in s.metrics else "")
             )
             out.write(f"\r{' ' * 40}\r{line}\n{bar}" if tty else f"{line}\n")
             out.flush()
         elif isinstance(ev, tuple) and ev[0] == "finished":
             if tty:
                 out.write("\n")
+            if ev[2]:
+                out.write(f"stopped early: {ev[2]}\n")
             return summaries
 
 

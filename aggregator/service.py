@@ -49,7 +49,7 @@ class AggregatorService:
         loop: Loop,
         evaluate: Evaluator | None = None,
         on_round: Callable[[RoundClosed], None] | None = None,
-        on_finished: Callable[[int], None] | None = None,
+        on_finished: Callable[[Finished], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -126,9 +126,10 @@ class AggregatorService:
             elif isinstance(a, RoundAbandoned):
                 log.warning("round %d attempt %d abandoned (%d/%d updates)", a.round, a.attempt, a.received, a.quorum)
             elif isinstance(a, Finished):
-                log.info("federation %s finished after round %d", self.config.federation, a.round)
+                log.info("federation %s finished after round %d%s", self.config.federation, a.round,
+                         f": {a.reason}" if a.reason else "")
                 if self.on_finished is not None:
-                    self.on_finished(a.round)
+                    self.on_finished(a)
 
 
 def central_evaluator(config: AggregatorConfig) -> Evaluator:

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import __version__, wire
+from . import __version__, dp, wire
 from .agent_store import AgentStore
 from .data import LocalData
 from .eligibility import EligibilityConfig, check_device
@@ -250,13 +250,21 @@ class AgentCore:
             model, m.params, self.data.X_train, self.data.y_train, t.config, round_seed(self.seed, round_number)
         )
         metrics.update(train_metrics)
+        delta = subtract(local, m.params)
+        if t.config.clip_norm > 0:
+            # DP: bound this device's influence, and tell the aggregator
+            # whether the bound bit (adaptive clipping counts these bits).
+            delta, norm, within = dp.clip(delta, t.config.clip_norm)
+            metrics["dp_unclipped"] = 1.0 if within else 0.0
+        if t.config.noise_std > 0:
+            delta = dp.add_gaussian_noise(delta, t.config.noise_std)
         update = wire.UpdateMsg(
             fed=self.fed,
             round=round_number,
             agent=self.agent_id,
             base=m.version,
             num_samples=self.data.num_samples,
-            delta=subtract(local, m.params),
+            delta=delta,
             metrics=metrics,
         )
         self.updates_sent += 1

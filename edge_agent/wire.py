@@ -99,6 +99,11 @@ class TrainConfig:
     lr: float = 0.1
     # FedProx (Li et al. 2020): weight of the proximal term mu/2 ||w - w_global||^2.
     prox_mu: float = 0.0
+    # Differential privacy: clip the update to this L2 norm (0: no clipping),
+    # then add Gaussian noise of this standard deviation (0: none; local and
+    # distributed DP modes).
+    clip_norm: float = 0.0
+    noise_std: float = 0.0
 
 
 @dataclass
@@ -307,6 +312,8 @@ def encode(msg: Message) -> bytes:
                 "batch_size": msg.config.batch_size,
                 "lr": float(msg.config.lr),
                 "prox_mu": float(msg.config.prox_mu),
+                "clip_norm": float(msg.config.clip_norm),
+                "noise_std": float(msg.config.noise_std),
             },
             "retry_after": float(msg.retry_after),
             "mode": msg.mode,
@@ -439,6 +446,8 @@ def decode(
             batch_size=c.pos_int("batch_size"),
             lr=c.pos_float("lr"),
             prox_mu=c.nonneg_float("prox_mu") if "prox_mu" in cfg else 0.0,
+            clip_norm=c.nonneg_float("clip_norm") if "clip_norm" in cfg else 0.0,
+            noise_std=c.nonneg_float("noise_std") if "noise_std" in cfg else 0.0,
         )
         mode = r.optional("mode", str, "sync")
         if mode not in TASK_MODES:

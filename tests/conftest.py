@@ -161,7 +161,7 @@ def start_aggregator(tmp_path: Path):
         def on_round(ev: RoundClosed) -> None:
             holder["ra"].rounds.put(ev)
 
-        def on_finished(_r: int) -> None:
+        def on_finished(_f) -> None:
             holder["ra"].finished.set()
 
         service = AggregatorService(config, loop, evaluate=evaluate, on_round=on_round, on_finished=on_finished)
