@@ -16,6 +16,8 @@ bench: setup-dev
 	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_agent_rss.py
+	$(PY) bench/bench_onnx.py
+	$(PY) bench/bench_rounds.py
 
 setup-demo:
 	@scripts/setup.sh $(VENV) aggregator,demo

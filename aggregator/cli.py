@@ -16,6 +16,7 @@ from .broker import BrokerError
 from .config import AggregatorConfig
 from .datasets import DATASETS, federated_digits, federated_synthetic
 from .partition import PARTITIONS, PartitionError
+from .privacy_cli import privacy_main
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ def main(command: str, argv: list[str]) -> int:
     """Run one aggregator-side subcommand; user errors become one line and exit code 2."""
     try:
         commands = {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main,
-                    "export": export_main, "serve-onnx": serve_onnx_main, "status": status_main}
+                    "export": export_main, "serve-onnx": serve_onnx_main, "status": status_main,
+                    "privacy": privacy_main}
         return commands[command](argv)
     except (BrokerError, DataError, PartitionError, ExportError, TimeoutError) as exc:
         sys.stderr.write(f"fedmqtt {command}: error: {exc}\n")

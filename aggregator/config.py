@@ -306,6 +306,11 @@ class AggregatorConfig:
         if p.enabled and not (p.expected_per_round or self.round.agents_per_round):
             out.append(("privacy.expected_per_round", "DP needs the expected devices per round "
                         "(set it, or [round] agents_per_round)"))
+        if p.enabled and p.adaptive_clip:
+            sigma_b = p.count_stddev or (p.expected_per_round or self.round.agents_per_round) / 20.0
+            if 2 * sigma_b <= p.noise_multiplier:
+                out.append(("privacy.count_stddev", f"the clipped-count noise {sigma_b:g} must exceed noise_multiplier/2 "
+                            f"= {p.noise_multiplier / 2:g} to split the budget (Andrew et al. 2021); raise it or lower z"))
         if p.enabled and self.round.mode == "async":
             out.append(("privacy.mode", "differential privacy needs synchronous rounds ([round] mode = sync)"))
         labels = self.onnx.class_labels

@@ -61,6 +61,11 @@ Evaluator = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
 MAX_HISTORY = 10_000
 # Rounds whose durations feed the pace-steering estimate of the next round.
 PACE_WINDOW = 5
+# Agent-reported metrics averaged per round: only these name prefixes (the
+# aggregator's own names cannot be spoofed) and at most this many names (the
+# metrics message must stay within the codec's map limit).
+AGENT_METRIC_PREFIXES = ("eval_", "train_")
+MAX_AGENT_METRICS = 32
 # Async mode remembers this many model versions beyond the accepted
 # staleness, so that an old update is reported as too_stale rather than as
 # built on an unknown base.
@@ -173,6 +178,9 @@ class Coordinator:
         self.async_mode = config.round.mode == "async"
         self.agents: dict[str, AgentInfo] = {}
         self.open: _OpenRound | None = None
+        # Async: agent@base keys of updates already applied in earlier
+        # versions, so a redelivered copy is not counted twice.
+        self.async_applied: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
         self.finished = False
@@ -263,6 +271,7 @@ class Coordinator:
             if msg.agent not in self.open.selected:
                 # Async rounds take whoever is there: let the newcomer in.
                 self.open.selected = sorted({*self.open.selected, msg.agent})
+                self.open.target = min(self.config.fedbuff.buffer, len(self.open.selected))
                 return [self._task_publish(now)]
             return []
         return self._maybe_open(now)
@@ -305,7 +314,7 @@ class Coordinator:
         # version, so a stale update that landed in this buffer does not
         # shut out the same agent's fresh one.
         key = f"{agent}@{msg.base}" if self.async_mode else agent
-        if key in o.received:
+        if key in o.received or key in self.async_applied:
             return self._reject("duplicate", f"second update from {agent} in round {o.round}")
         if self.strategy.full():
             return self._reject("round_full", f"update from {agent}: round {o.round} holds as many as the rule keeps")
@@ -330,14 +339,17 @@ class Coordinator:
             actions += self._close(now)
         return actions
 
-    @staticmethod
-    def _add_metrics(o: _OpenRound, msg: wire.UpdateMsg) -> None:
+    def _add_metrics(self, o: _OpenRound, msg: wire.UpdateMsg) -> None:
         # Training metrics weigh by training samples, evaluation metrics by
         # holdout samples, so the round figure is the population's, not the
         # mean of agents of very different sizes.
+        if self.privacy is not None:
+            return  # un-noised averages of device metrics would leak what DP protects
         eval_w = msg.metrics.get("eval_samples", 0.0)
         for name, value in msg.metrics.items():
-            if name == "eval_samples":
+            if name == "eval_samples" or not name.startswith(AGENT_METRIC_PREFIXES):
+                continue
+            if name not in o.metric_sums and len(o.metric_sums) >= MAX_AGENT_METRICS:
                 continue
             w = eval_w if name.startswith("eval_") else float(msg.num_samples)
             if w <= 0:
@@ -365,7 +377,9 @@ class Coordinator:
             return []
         q = 1.0
         if self.async_mode:
-            selected, target, deadline = candidates, self.config.fedbuff.buffer, math.inf
+            # Each agent trains once per version: a buffer larger than the
+            # fleet would never fill.
+            selected, target, deadline = candidates, min(self.config.fedbuff.buffer, len(candidates)), math.inf
         elif self.privacy is not None:
             q = self.privacy.sampling_rate(len(self.agents))
             problem = self.privacy.budget_problem(q)
@@ -439,6 +453,9 @@ class Coordinator:
         self.recent_versions[self.version] = self.round
         horizon = self.round - self.config.fedbuff.max_staleness - EXTRA_VERSIONS
         self.recent_versions = {v: r for v, r in self.recent_versions.items() if r >= horizon}
+        if self.async_mode:
+            self.async_applied |= o.received
+            self.async_applied = {k for k in self.async_applied if k.rsplit("@", 1)[1] in self.recent_versions}
         self.open = None
         self.attempt = 0
         metrics = {name: s / w for name, (s, w) in o.metric_sums.items() if w > 0}
@@ -558,6 +575,7 @@ class Coordinator:
             "rng": self.rng.bit_generator.state,
             "attempt": self.attempt,
             "recent_versions": dict(self.recent_versions),
+            "async_applied": sorted(self.async_applied),
             "strategy": {"name": self.strategy.name, "state": self.strategy.state_dict()},
             "history": [asdict(s) for s in self.history],
             **({"privacy": self.privacy.state()} if self.privacy is not None else {}),
@@ -574,6 +592,7 @@ class Coordinator:
         self.rng.bit_generator.state = state["rng"]
         self.attempt = int(state.get("attempt", 0))
         self.recent_versions = {str(k): int(v) for k, v in state.get("recent_versions", {}).items()}
+        self.async_applied = set(state.get("async_applied", []))
         self.strategy.load_state_dict(state.get("strategy", {}).get("state", {}))
         self.history = [RoundSummary(**d) for d in state.get("history", [])]
 

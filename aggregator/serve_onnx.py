@@ -106,11 +106,8 @@ class OnnxFollower:
             self.rejected["bad_onnx"] += 1
             log.warning("dropped ONNX model on %s: %s", topic, exc)
             return
-        old = self._model
-        if old is not None and new.round < old.round:
-            self.rejected["old_model"] += 1
-            log.warning("dropped ONNX model of round %d: already serving round %d", new.round, old.round)
-            return
+        # A lower round than the one served means the federation restarted
+        # (MQTT keeps the order of one topic): follow it, as the agents do.
         with self._changed:
             self._model = new  # one reference swap: requests in flight keep the old session
             self._changed.notify_all()

@@ -161,8 +161,18 @@ class AgentCore:
             # a matter for model signatures, not for round numbers.
             log.info("%s: model went back from round %d to %d: the federation restarted",
                      self.agent_id, self.model_msg.round, msg.round)
+        actions: list[Action] = []
+        if self.trained and msg.round < max(r for r, _ in self.trained) - 1:
+            # This run never got that far: what we remember trained (and the
+            # outbox) belongs to a federation run that was started over.
+            log.info("%s: forgetting %d trained rounds of an earlier run", self.agent_id, len(self.trained))
+            self.trained.clear()
+            actions.append(SaveTrained(set()))
+            for key in sorted(self.outbox):
+                actions.append(DropOutbox(key))
+            self.outbox.clear()
         self.model_msg = msg
-        return self._maybe_train()
+        return actions + self._maybe_train()
 
     def set_eligibility(self, eligible: bool, reason: str = "") -> list[Action]:
         """The device's eligibility was checked; a change is announced in the retained status."""

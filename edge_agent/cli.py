@@ -19,20 +19,21 @@ from .config import ConfigError, add_flags, flag_overrides, load, parse_hostport
 
 T = TypeVar("T")
 
-USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,export,serve-onnx} ...
+USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,privacy,export,serve-onnx} ...
 
   demo        run a whole federation on this machine (private broker, aggregator, 10 agents)
   aggregator  run the aggregator service (--config aggregator.toml)
   agent       run one edge agent (--config agent.toml)
   sim         run N simulated agents in one process against a broker
   status      show a federation's agents and last rounds from the broker's retained messages
+  privacy     plan differential privacy: epsilon for a population, sample size, rounds and noise
   export      write the ONNX model of a checkpoint or a saved model (.npz)
   serve-onnx  answer predictions from the federation's current ONNX model (hot-swapped)
 
 `fedmqtt COMMAND --help` for the options of each.
 """
 
-AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "export", "serve-onnx")
+AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "privacy", "export", "serve-onnx")
 
 
 def setup_logging(verbosity: int) -> None:

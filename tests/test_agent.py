@@ -244,3 +244,13 @@ def test_waiting_task_does_not_train():
     topic, payload, m = model_msg()
     c.receive(topic, payload)
     assert trains(c.receive(*task_msg(m, state="waiting"))) == []
+
+
+def test_a_restarted_federation_is_trained_for_even_with_remembered_rounds():
+    c = core()
+    c.trained |= {(r, 0) for r in range(1, 21)}  # an earlier run, loaded from trained.json
+    c.outbox[(20, 0)] = b"old"
+    topic, payload, m = model_msg(round_=0)
+    actions = c.receive(topic, payload)
+    assert SaveTrained(set()) in actions and DropOutbox((20, 0)) in actions
+    assert trains(c.receive(*task_msg(m))) == [Train(1, 0)]

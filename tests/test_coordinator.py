@@ -547,18 +547,48 @@ def test_async_mode_lets_newcomers_in_without_reopening():
 
 
 def test_async_mode_takes_a_stale_and_a_fresh_update_from_the_same_agent():
-    c = Coordinator(async_config(), FedAvg())
-    c.config.fedbuff.buffer = 3
+    c = Coordinator(async_config(), FedAvg())  # buffer 2
     c.start(0.0)
     for i in range(3):
         c.receive(*status(f"a{i}"), now=0.0)
     v0 = c.version
-    for a in ("a0", "a1", "a2"):
-        c.receive(*update(c, a, [1, 0]), now=1.0)
+    c.receive(*update(c, "a0", [1, 0]), now=1.0)
+    c.receive(*update(c, "a2", [1, 0]), now=1.0)
     assert c.round == 1
-    v1 = c.version
     delta = {"W0": np.array([[1.0]], np.float32), "b0": np.zeros(1, np.float32)}
     c.receive(*update(c, "a1", [0, 0], base=v0, round=1, delta=delta), now=2.0)  # stale (trained on v0)
+    assert c.open.received == {f"a1@{v0}"}
     c.receive(*update(c, "a1", [2, 0]), now=2.0)  # fresh from the same agent: accepted too
-    _assert_rejected(c, "duplicate", update(c, "a1", [6, 0]))  # but not twice on the same base
-    assert c.open.received == {f"a1@{v0}", f"a1@{v1}"}
+    assert c.round == 2 and c.accepted == 4
+
+
+def test_async_redelivery_after_its_version_was_applied_is_a_duplicate():
+    c = Coordinator(async_config(), FedAvg())
+    c.start(0.0)
+    for i in range(2):
+        c.receive(*status(f"a{i}"), now=0.0)
+    first = update(c, "a0", [1, 0])
+    c.receive(*first, now=1.0)
+    c.receive(*update(c, "a1", [1, 0]), now=1.0)
+    assert c.round == 1
+    _assert_rejected(c, "duplicate", first)  # QoS 1 redelivery of an applied update
+
+
+def test_async_buffer_larger_than_the_fleet_still_closes():
+    c = Coordinator(async_config(), FedAvg())
+    c.config.fedbuff.buffer = 10
+    c.start(0.0)
+    c.receive(*status("a0"), now=0.0)
+    assert c.open.target == 1
+    c.receive(*update(c, "a0", [1, 0]), now=1.0)
+    assert c.round == 1
+
+
+def test_agent_metrics_cannot_spoof_aggregator_names_or_grow_without_bound():
+    c = started(n_agents=1, min_agents=1)
+    junk = {f"x{i}": 1.0 for i in range(100)} | {"seconds": 1e9, "rejected_fake": 5.0, "train_loss": 2.0}
+    junk |= {f"train_m{i}": 1.0 for i in range(100)}
+    actions = c.receive(*update(c, "a0", [1, 1], metrics=junk), now=1.0)
+    m = wire.decode(published(actions, T.metrics)[0].payload).metrics
+    assert m["seconds"] == 1.0 and "rejected_fake" not in m and "x0" not in m
+    assert sum(k.startswith("train_") for k in m) <= 32
