@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edge_agent.config import BrokerConfig
 from edge_agent.spec import MODEL_KINDS, ModelSpec, spec_problems
@@ -186,6 +187,34 @@ class StrategyConfig:
         return out
 
 
+@dataclass
+class SecurityConfig:
+    """Defences of the aggregator (deploy/README.md "Security")."""
+
+    signing_key: str = field(
+        default="", metadata={"help": "Ed25519 private key (PKCS#8 PEM) that signs model, model/onnx and task"}
+    )
+    max_update_norm: float = field(
+        default=0.0, metadata={"help": "reject updates whose L2 norm exceeds this (0: off; [strategy] clip_norm clips instead)"}
+    )
+    rate_limit: float = field(
+        default=5.0, metadata={"help": "messages per second one agent may send on average (0: no limit)"}
+    )
+    rate_burst: int = field(default=20, metadata={"help": "messages one agent may send at once before the rate applies"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.signing_key and not Path(self.signing_key).is_file():
+            out.append(("signing_key", f"no such file: {self.signing_key}"))
+        if self.max_update_norm < 0:
+            out.append(("max_update_norm", f"must be >= 0, got {self.max_update_norm}"))
+        if self.rate_limit < 0:
+            out.append(("rate_limit", f"must be >= 0, got {self.rate_limit}"))
+        if self.rate_burst < 1:
+            out.append(("rate_burst", f"must be >= 1, got {self.rate_burst}"))
+        return out
+
+
 PRIVACY_MODES = ("off", "central", "local", "distributed")
 
 
@@ -289,6 +318,7 @@ class AggregatorConfig:
     fedbuff: FedBuffConfig = field(default_factory=FedBuffConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 

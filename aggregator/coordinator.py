@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from edge_agent import wire
+from edge_agent import dp, wire
 from edge_agent.models import Model
 from edge_agent.mqtt import Publish
 from edge_agent.topics import Topics
@@ -181,6 +181,8 @@ class Coordinator:
         # Async: agent@base keys of updates already applied in earlier
         # versions, so a redelivered copy is not counted twice.
         self.async_applied: set[str] = set()
+        # Per-agent token buckets: agent -> (tokens, time of last refill).
+        self._buckets: dict[str, tuple[float, float]] = {}
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
         self.finished = False
@@ -226,6 +228,9 @@ class Coordinator:
     def receive(self, topic: str, payload: bytes, now: float) -> list[Action]:
         """A message arrived on one of our subscriptions."""
         kind, agent = self.topics.parse(topic)
+        if kind in ("status", "update") and not self._within_rate(agent, now):
+            # Counted before decoding: a flood costs a counter, not a decode.
+            return self._reject("rate_limited", f"{kind} from {agent}: more than the agent's message rate")
         if kind == "status":
             if not payload:
                 return []  # a retained status being cleared
@@ -276,6 +281,18 @@ class Coordinator:
             return []
         return self._maybe_open(now)
 
+    def _within_rate(self, agent: str | None, now: float) -> bool:
+        sec = self.config.security
+        if not sec.rate_limit or agent is None:
+            return True
+        tokens, last = self._buckets.get(agent, (float(sec.rate_burst), now))
+        tokens = min(float(sec.rate_burst), tokens + max(0.0, now - last) * sec.rate_limit)
+        if tokens < 1.0:
+            self._buckets[agent] = (tokens, now)
+            return False
+        self._buckets[agent] = (tokens - 1.0, now)
+        return True
+
     def _usable(self, info: AgentInfo) -> bool:
         return info.online and info.eligible
 
@@ -318,6 +335,11 @@ class Coordinator:
             return self._reject("duplicate", f"second update from {agent} in round {o.round}")
         if self.strategy.full():
             return self._reject("round_full", f"update from {agent}: round {o.round} holds as many as the rule keeps")
+        bound = self.config.security.max_update_norm
+        if bound:
+            norm = dp.l2_norm(msg.delta)
+            if norm > bound:
+                return self._reject("norm_too_large", f"update from {agent} has norm {norm:.3g} > {bound:g}")
         actions: list[Action] = []
         if not replay:
             actions.append(Journal({"type": "update", "round": o.round, "attempt": o.attempt, "agent": agent,

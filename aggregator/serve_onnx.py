@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_agent.config import BrokerConfig
 from edge_agent.mqtt import Connection, Loop
+from edge_agent.signing import SignatureError, Verifier
 from edge_agent.topics import Topics
 from edge_agent.wire import MAX_PAYLOAD_BYTES
 
@@ -63,8 +64,12 @@ def load_model(data: bytes) -> LoadedModel:
 class OnnxFollower:
     """Keeps the newest ONNX model of a federation, hot-swapped as versions arrive."""
 
-    def __init__(self, broker: BrokerConfig, federation: str, loop: Loop | None = None) -> None:
+    def __init__(
+        self, broker: BrokerConfig, federation: str, loop: Loop | None = None, trusted_keys: list[str] | None = None
+    ) -> None:
         self.topics = Topics(federation)
+        # With pinned keys only signed models are served (edge_agent.signing).
+        self.verifier = Verifier(trusted_keys) if trusted_keys else None
         self.loop = loop or Loop()
         self._model: LoadedModel | None = None
         self._changed = threading.Condition()
@@ -97,9 +102,16 @@ class OnnxFollower:
     def on_connected(self, conn: Connection) -> None:
         log.info("following %s", self.topics.model_onnx)
 
-    def on_message(self, conn: Connection, topic: str, payload: bytes) -> None:
+    def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
         if not payload:
             return
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(topic, payload, props)
+            except SignatureError as exc:
+                self.rejected[exc.reason] += 1
+                log.warning("dropped ONNX model on %s: %s", topic, exc)
+                return
         try:
             new = load_model(payload)
         except ValueError as exc:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from edge_agent.data import load as load_data
 from edge_agent.models import Model
 from edge_agent.mqtt import Connection, Loop, Publish
+from edge_agent.signing import Signer
 
 from . import checkpoint
 from .config import AggregatorConfig
@@ -51,12 +53,15 @@ class AggregatorService:
         on_round: Callable[[RoundClosed], None] | None = None,
         on_finished: Callable[[Finished], None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.clock = clock
         self.on_round = on_round
         self.on_finished = on_finished
+        # Called once, after the first connection's start actions ran (systemd READY=1).
+        self.on_ready = on_ready
         if evaluate is None and config.test_data:
             evaluate = central_evaluator(config)
         state = checkpoint.load(config.state_dir)
@@ -66,6 +71,10 @@ class AggregatorService:
         records = self.journal.load()
         self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state, records)
         self.onnx = OnnxPublisher(config) if config.onnx.every else None
+        # Everything agents act on is signed when a key is configured.
+        self.signer = Signer(config.security.signing_key) if config.security.signing_key else None
+        self._signed_topics = {self.coordinator.topics.model, self.coordinator.topics.model_onnx,
+                               self.coordinator.topics.task}
         # A persistent session (clean start off, session expiry set): the
         # broker keeps our subscriptions and queues the updates agents send
         # while we are down; manual acks mean a message counts as delivered
@@ -100,13 +109,20 @@ class AggregatorService:
             if self.onnx is not None:
                 actions.insert(1, self.onnx.export(c.round, c.version, c.params))
             self._execute(actions)
+            if self.on_ready is not None:
+                self.on_ready()
         else:
             # After a reconnect, make sure the retained models are current (a
             # broker restart without persistence forgets retained messages).
             self._execute([c.model_publish(), *([self.onnx.last] if self.onnx and self.onnx.last else [])])
 
-    def on_message(self, conn: Connection, topic: str, payload: bytes) -> None:
+    def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
         self._execute(self.coordinator.receive(topic, payload, self.clock()))
+
+    def _signed(self, p: Publish) -> Publish:
+        if self.signer is None or p.topic not in self._signed_topics:
+            return p
+        return replace(p, user_properties=p.user_properties + self.signer.properties(p.topic, p.payload))
 
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:
@@ -116,11 +132,11 @@ class AggregatorService:
                 checkpoint.save(self.config.state_dir, a.state)
                 self.journal.reset()
             elif isinstance(a, Publish):
-                self.conn.publish(a)
+                self.conn.publish(self._signed(a))
             elif isinstance(a, RoundClosed):
                 s = a.summary
                 if self.onnx is not None and self.onnx.due(s.round):
-                    self.conn.publish(self.onnx.export(s.round, s.version, self.coordinator.params))
+                    self.conn.publish(self._signed(self.onnx.export(s.round, s.version, self.coordinator.params)))
                 if self.on_round is not None:
                     self.on_round(a)
             elif isinstance(a, RoundAbandoned):

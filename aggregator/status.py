@@ -49,7 +49,7 @@ class _Collector:
         self.last = time.monotonic()
         self.connected.set()
 
-    def on_message(self, conn: Connection, topic: str, payload: bytes) -> None:
+    def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
         self.last = time.monotonic()
         kind, agent = self.topics.parse(topic)
         if not payload or kind in ("", "update", "inbox"):

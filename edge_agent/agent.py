@@ -20,6 +20,7 @@ from .data import LocalData
 from .eligibility import EligibilityConfig, check_device
 from .models import Model, subtract
 from .mqtt import Connection, Loop, Publish
+from .signing import SignatureError, Verifier
 from .spec import MODEL_KINDS
 from .topics import Topics
 from .training import round_seed, train_local
@@ -91,6 +92,8 @@ class AgentCore:
     outbox: dict[tuple[int, int], bytes] = field(default_factory=dict)
     eligible: bool = True
     reason: str = ""
+    # Pinned model-signing keys: when set, only signed models and tasks count.
+    verifier: Verifier | None = None
     rejected: Counter = field(default_factory=Counter, init=False)
     resent: set[tuple[int, int]] = field(default_factory=set, init=False)
     retry_after: float = field(default=0.0, init=False)
@@ -124,11 +127,16 @@ class AgentCore:
 
     # -- events ---------------------------------------------------------------
 
-    def receive(self, topic: str, payload: bytes) -> list[Action]:
-        """One message from the broker; returns what to do about it."""
+    def receive(self, topic: str, payload: bytes, props: dict[str, str] | None = None) -> list[Action]:
+        """One message from the broker (with its MQTT v5 user properties); returns what to do about it."""
         kind, _ = self.topics.parse(topic)
         if not payload:
             return []  # a cleared retained message: nothing to act on
+        if self.verifier is not None and kind in ("model", "task"):
+            try:
+                self.verifier.verify(topic, payload, props or {})
+            except SignatureError as exc:
+                return self._reject(exc.reason, str(exc))
         try:
             if kind == "model":
                 return self._on_model(wire.decode(payload, expect="model", fed=self.fed))
@@ -302,8 +310,11 @@ class AgentRunner:
         store: AgentStore | None = None,
         eligibility: EligibilityConfig | None = None,
         train_delay: float = 0.0,
+        on_connect: Callable[["AgentRunner"], None] | None = None,
     ) -> None:
         self.core = core
+        # Called after every (re)connection, once the online status is queued (systemd READY=1).
+        self.on_connect = on_connect
         # Simulated compute time (fedmqtt sim --train-delay): a slow device,
         # without blocking the loop that the other simulated agents share.
         self.train_delay = train_delay
@@ -338,9 +349,11 @@ class AgentRunner:
 
     def on_connected(self, conn: Connection) -> None:
         self._execute(self.core.connected())
+        if self.on_connect is not None:
+            self.on_connect(self)
 
-    def on_message(self, conn: Connection, topic: str, payload: bytes) -> None:
-        self._execute(self.core.receive(topic, payload))
+    def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
+        self._execute(self.core.receive(topic, payload, props))
 
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:

@@ -6,7 +6,23 @@ from dataclasses import dataclass, field
 
 from .config import BrokerConfig
 from .eligibility import EligibilityConfig
+from .signing import valid_public_key
 from .wire import valid_id
+
+
+@dataclass
+class AgentSecurityConfig:
+    """What the device trusts."""
+
+    trusted_keys: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Ed25519 public keys (64 hex digits) whose signed models and tasks are accepted; "
+                          "empty: accept unsigned (development only)"},
+    )
+
+    def problems(self) -> list[tuple[str, str]]:
+        bad = [k for k in self.trusted_keys if not valid_public_key(k)]
+        return [("trusted_keys", f"must be raw Ed25519 public keys as 64 hex digits, got {bad}")] if bad else []
 
 
 @dataclass
@@ -25,6 +41,7 @@ class AgentConfig:
         metadata={"help": "where the outbox and the trained rounds are kept across restarts (empty: memory only)"},
     )
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    security: AgentSecurityConfig = field(default_factory=AgentSecurityConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
     def problems(self) -> list[tuple[str, str]]:

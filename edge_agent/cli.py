@@ -19,7 +19,7 @@ from .config import ConfigError, add_flags, flag_overrides, load, parse_hostport
 
 T = TypeVar("T")
 
-USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,privacy,export,serve-onnx} ...
+USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,privacy,export,serve-onnx,provision} ...
 
   demo        run a whole federation on this machine (private broker, aggregator, 10 agents)
   aggregator  run the aggregator service (--config aggregator.toml)
@@ -29,11 +29,12 @@ USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,privacy,export,serve
   privacy     plan differential privacy: epsilon for a population, sample size, rounds and noise
   export      write the ONNX model of a checkpoint or a saved model (.npz)
   serve-onnx  answer predictions from the federation's current ONNX model (hot-swapped)
+  provision   create the CA, certificates, MQTT passwords, ACL and signing key of a secured federation
 
 `fedmqtt COMMAND --help` for the options of each.
 """
 
-AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "privacy", "export", "serve-onnx")
+AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "privacy", "export", "serve-onnx", "provision")
 
 
 def setup_logging(verbosity: int) -> None:
@@ -98,6 +99,7 @@ def agent_main(argv: list[str]) -> int:
     from .agent_store import AgentStore
     from .data import DataError, load as load_data, split_holdout
     from .mqtt import Loop
+    from .systemd import notify, start_watchdog
 
     cfg = config_from_args(AgentConfig, "fedmqtt agent", "Run one edge agent.", "deploy/agent.toml", argv)
     try:
@@ -107,17 +109,42 @@ def agent_main(argv: list[str]) -> int:
         return 2
     data = split_holdout(X, y, cfg.holdout, cfg.seed)
     loop = Loop()
-    core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed)
+    verifier = None
+    if cfg.security.trusted_keys:
+        from .signing import Verifier
+
+        try:
+            verifier = Verifier(cfg.security.trusted_keys)
+        except RuntimeError as exc:
+            sys.stderr.write(f"fedmqtt agent: {exc}\n")
+            return 2
+    else:
+        logging.getLogger("fedmqtt.agent").warning(
+            "no [security] trusted_keys: models and tasks are accepted unsigned (development only)")
+    core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed, verifier=verifier)
+    where = f"agent {cfg.agent_id} of federation {cfg.federation} on {cfg.broker.host}:{cfg.broker.port}"
+
+    # systemd (Type=notify): READY=1 once the broker accepted us, STOPPING=1 on the way out.
+    def connected(_runner) -> None:
+        notify(f"READY=1\nSTATUS={where}: connected")
+
+    def stop(*_) -> None:
+        notify(f"STOPPING=1\nSTATUS={where}: stopping")
+        loop.stop()
+
     runner = AgentRunner(
         loop,
         core,
         cfg.broker,
-        on_done=(lambda _: loop.stop()) if cfg.exit_when_done else None,
+        on_done=stop if cfg.exit_when_done else None,
         store=AgentStore(cfg.state_dir) if cfg.state_dir else None,
         eligibility=cfg.eligibility,
+        on_connect=connected,
     )
     runner.start()
-    stop_on_signals(loop.stop)
+    notify(f"STATUS={where}: connecting to the broker")
+    start_watchdog(loop)  # WATCHDOG=1 from this loop's timers, when the unit has WatchdogSec=
+    stop_on_signals(stop)
     logging.getLogger("fedmqtt.agent").info(
         "agent %s: %d training and %d holdout samples, broker %s:%d",
         cfg.agent_id, data.num_samples, len(data.X_holdout), cfg.broker.host, cfg.broker.port,

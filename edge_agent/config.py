@@ -33,9 +33,31 @@ class BrokerConfig:
     keepalive: int = field(default=30, metadata={"help": "MQTT keepalive in seconds"})
     username: str = field(default="", metadata={"help": "MQTT user name (empty: anonymous)"})
     password: str = field(default="", metadata={"help": "MQTT password"})
+    password_file: str = field(
+        default="", metadata={"help": "read the MQTT password from this file (e.g. a systemd credential)"}
+    )
+    tls: bool = field(default=False, metadata={"help": "connect with TLS"})
+    ca_file: str = field(default="", metadata={"help": "CA certificate that signed the broker's (TLS)"})
+    cert_file: str = field(default="", metadata={"help": "client certificate (TLS client authentication)"})
+    key_file: str = field(default="", metadata={"help": "client private key (TLS client authentication)"})
+
+    def secret(self) -> str:
+        """The password: from password_file when set, else the password key."""
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"broker.password_file: cannot read {self.password_file}: {exc}") from None
+        return self.password
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        if self.password and self.password_file:
+            out.append(("password_file", "set password or password_file, not both"))
+        if (self.cert_file or self.key_file or self.ca_file) and not self.tls:
+            out.append(("tls", "certificate files are set but tls = false"))
+        if bool(self.cert_file) != bool(self.key_file):
+            out.append(("key_file" if self.cert_file else "cert_file", "a client certificate needs both cert_file and key_file"))
         if not self.host:
             out.append(("host", "must not be empty"))
         if not 1 <= self.port <= 65535:

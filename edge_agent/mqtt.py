@@ -80,7 +80,7 @@ class Handler(Protocol):
 
     def on_connected(self, conn: "Connection") -> None: ...
 
-    def on_message(self, conn: "Connection", topic: str, payload: bytes) -> None: ...
+    def on_message(self, conn: "Connection", topic: str, payload: bytes, props: dict[str, str]) -> None: ...
 
 
 class Loop:
@@ -203,6 +203,11 @@ class Loop:
             conn: Connection = key.data
             if mask & selectors.EVENT_READ:
                 conn.client.loop_read()
+                # TLS may hold decrypted bytes the socket no longer signals: drain them.
+                sock = conn.client.socket()
+                while sock is not None and getattr(sock, "pending", None) is not None and sock.pending() > 0:
+                    conn.client.loop_read()
+                    sock = conn.client.socket()
             if mask & selectors.EVENT_WRITE:
                 conn.client.loop_write()
 
@@ -245,7 +250,15 @@ class Connection:
         c.max_queued_messages_set(MAX_QUEUED_MESSAGES)
         c.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG (-vv)
         if broker.username:
-            c.username_pw_set(broker.username, broker.password or None)
+            c.username_pw_set(broker.username, broker.secret() or None)
+        if broker.tls:
+            # Server certificate and host name are always verified; a client
+            # certificate is presented when configured.
+            c.tls_set(
+                ca_certs=broker.ca_file or None,
+                certfile=broker.cert_file or None,
+                keyfile=broker.key_file or None,
+            )
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.on_connect = self._on_connect
@@ -358,7 +371,9 @@ class Connection:
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
-            self.handler.on_message(self, msg.topic, msg.payload)
+            props = getattr(msg, "properties", None)
+            user = dict(getattr(props, "UserProperty", None) or [])  # MQTT v5 user properties (signatures)
+            self.handler.on_message(self, msg.topic, msg.payload, user)
         except Exception:
             # Acknowledged anyway below: a message that crashes the handler
             # would crash it again on every redelivery.
