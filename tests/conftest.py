@@ -175,3 +175,33 @@ def start_aggregator(tmp_path: Path):
     yield start
     for ra in running:
         ra.stop()
+
+
+def offline_fedavg(datas, cfg: AggregatorConfig, seed: int, rounds: int, extra_weight: float = 0.0):
+    """The federation computed without any MQTT: every simulated agent trains every round.
+
+    ``extra_weight`` adds, each round, a zero delta of that weight (a scripted
+    device that reports without moving the model).
+    """
+    import numpy as np
+
+    from aggregator.sim import agent_seed
+    from aggregator.strategies import FedAvg
+    from edge_agent import wire
+    from edge_agent.models import Model, subtract
+    from edge_agent.training import round_seed, train_local
+
+    model = Model(cfg.model.spec())
+    params = model.init_params(cfg.model.seed)
+    t = cfg.training
+    tc = wire.TrainConfig(t.epochs, t.batch_size, t.lr)
+    for r in range(1, rounds + 1):
+        s = FedAvg()
+        s.begin(params)
+        for i, d in enumerate(datas):
+            local, _ = train_local(model, params, d.X_train, d.y_train, tc, round_seed(agent_seed(seed, i), r))
+            s.add(subtract(local, params), float(d.num_samples))
+        if extra_weight:
+            s.add({k: np.zeros_like(v) for k, v in params.items()}, extra_weight)
+        params = s.result(params)
+    return params

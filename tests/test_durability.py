@@ -24,18 +24,15 @@ from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, Traini
 from aggregator.datasets import federated_digits
 from aggregator.demo import DemoOptions, run_demo
 from aggregator.journal import JournalFile
-from aggregator.sim import Simulation, agent_seed
-from aggregator.strategies import FedAvg
+from aggregator.sim import Simulation
 from edge_agent import wire
 from edge_agent.agent import AgentCore, AgentRunner
 from edge_agent.agent_store import AgentStore
 from edge_agent.config import BrokerConfig
-from edge_agent.models import Model, subtract
 from edge_agent.mqtt import Loop
 from edge_agent.topics import Topics
-from edge_agent.training import round_seed, train_local
 
-from .conftest import WAIT_S, RawClient
+from .conftest import WAIT_S, RawClient, offline_fedavg
 
 pytestmark = pytest.mark.broker
 
@@ -135,24 +132,6 @@ def test_kill_9_mid_round_and_updates_sent_while_down_are_used(fed, broker, tmp_
     assert final["round"] == 3
     np.testing.assert_allclose([final["params"]["W0"][0, 0], final["params"]["b0"][0]], [3.0, 1.0], atol=1e-6)
     assert [h["participants"] for h in final["history"]] == [3, 3, 3]
-
-
-def offline_fedavg(datas, cfg: AggregatorConfig, seed: int, rounds: int, extra_weight: float = 0.0):
-    """The federation without MQTT; ``extra_weight`` adds a zero delta of that weight each round."""
-    model = Model(cfg.model.spec())
-    params = model.init_params(cfg.model.seed)
-    t = cfg.training
-    tc = wire.TrainConfig(t.epochs, t.batch_size, t.lr)
-    for r in range(1, rounds + 1):
-        s = FedAvg()
-        s.begin(params)
-        for i, d in enumerate(datas):
-            local, _ = train_local(model, params, d.X_train, d.y_train, tc, round_seed(agent_seed(seed, i), r))
-            s.add(subtract(local, params), float(d.num_samples))
-        if extra_weight:
-            s.add({k: np.zeros_like(v) for k, v in params.items()}, extra_weight)
-        params = s.result(params)
-    return params
 
 
 def digits_cfg(fed, bcfg, tmp_path, rounds, **round_kw) -> AggregatorConfig:

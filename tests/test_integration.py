@@ -15,16 +15,13 @@ import pytest
 from aggregator import checkpoint
 from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
 from aggregator.datasets import federated_digits
-from aggregator.sim import Simulation, agent_seed
-from aggregator.strategies import FedAvg
+from aggregator.sim import Simulation
 from edge_agent import wire
 from edge_agent.agent import AgentCore, AgentRunner
-from edge_agent.models import Model, subtract
 from edge_agent.mqtt import Loop
 from edge_agent.topics import Topics
-from edge_agent.training import round_seed, train_local
 
-from .conftest import WAIT_S
+from .conftest import WAIT_S, offline_fedavg
 
 pytestmark = pytest.mark.broker
 
@@ -79,22 +76,6 @@ def test_textbook_fedavg_through_the_broker(fed, broker_config, tmp_path, start_
     np.testing.assert_allclose([model.params["W0"][0, 0], model.params["b0"][0]], [2.0, 3.0], atol=1e-6)
     for agent in devices:  # clean up retained statuses of this test's federation
         devices[agent].publish(topics.status(agent), b"", retain=True)
-
-
-def offline_fedavg(datas, cfg: AggregatorConfig, seed: int, rounds: int):
-    """The same federation computed without any MQTT: every agent trains every round."""
-    model = Model(cfg.model.spec())
-    params = model.init_params(cfg.model.seed)
-    t = cfg.training
-    tc = wire.TrainConfig(t.epochs, t.batch_size, t.lr)
-    for r in range(1, rounds + 1):
-        s = FedAvg()
-        s.begin(params)
-        for i, d in enumerate(datas):
-            local, _ = train_local(model, params, d.X_train, d.y_train, tc, round_seed(agent_seed(seed, i), r))
-            s.add(subtract(local, params), d.num_samples)
-        params = s.result(params)
-    return params
 
 
 def test_five_agents_three_rounds_match_the_offline_computation(fed, broker_config, tmp_path, start_aggregator):

@@ -15,7 +15,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from aggregator import checkpoint
 from aggregator.config import AggregatorConfig, ModelConfig, OnnxConfig, RoundConfig
 from aggregator.onnx_export import IR_VERSION, OPSET, metadata, to_onnx, to_onnx_bytes
 from aggregator.serve_onnx import load_model
