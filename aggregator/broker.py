@@ -5,6 +5,10 @@ listener moved to a free loopback port (``-p`` is ignored when the file has a
 listener), persistence and log in the temporary directory, and ``user root``
 when we are root (mosquitto otherwise drops to user ``mosquitto``, which
 cannot write into a root-owned temporary directory).
+
+Any other config file works too (``LocalBroker(conf=...)``): the tests run
+the production config of deploy/mosquitto/ this way, with ``overrides``
+pointing its TLS, password and ACL files at freshly provisioned ones.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "mosquitto.conf"
 # Debian installs mosquitto in /usr/sbin, which is not on a normal user's PATH.
@@ -46,6 +51,10 @@ def find_mosquitto() -> str:
     )
 
 
+# Options render_config always sets itself (or drops, for pid_file and user).
+_RENDERED = ("persistence_location", "log_dest", "pid_file", "user")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
@@ -53,18 +62,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render_config(template: str, port: int, workdir: Path) -> str:
-    """The private copy of the config: our port, our data dir, our log, root if needed."""
+def render_config(
+    template: str, port: int, workdir: Path, overrides: Mapping[str, str | None] | None = None
+) -> str:
+    """The private copy of the config: our port, our data dir, our log, root if needed.
+
+    Only the ``listener`` line itself is rewritten; the lines after it that
+    configure the listener (a TLS listener's ``cafile``, ``certfile``,
+    ``keyfile``, ``require_certificate``...) are kept as they are, so the
+    template should have one listener (two would get the same port).
+    ``overrides`` maps an option to its new value: every line setting that
+    option is replaced in place (``None`` deletes it), and an option the
+    template lacks is appended (after the last listener, so a listener
+    option applies to it).
+    """
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key in _RENDERED or key == "listener" or not key or any(c.isspace() for c in key):
+            raise ValueError(f"render_config: cannot override {key!r}")
     out = []
+    done: set[str] = set()
     for line in template.splitlines():
         word = line.split("#", 1)[0].split()
         key = word[0] if word else ""
         if key == "listener":
             out.append(f"listener {port} 127.0.0.1")
-        elif key in ("persistence_location", "log_dest", "pid_file", "user"):
+        elif key in _RENDERED:
             continue
+        elif key in overrides:
+            if overrides[key] is not None and key not in done:
+                out.append(f"{key} {overrides[key]}")
+            done.add(key)
         else:
             out.append(line)
+    out.extend(f"{k} {v}" for k, v in overrides.items() if k not in done and v is not None)
     out.append(f"persistence_location {workdir / 'data'}/")
     out.append(f"log_dest file {workdir / 'mosquitto.log'}")
     if os.geteuid() == 0:
@@ -75,8 +106,14 @@ def render_config(template: str, port: int, workdir: Path) -> str:
 class LocalBroker:
     """A mosquitto on 127.0.0.1:<free port>, stopped on exit (also on Ctrl-C)."""
 
-    def __init__(self, conf: str | Path = REPO_CONF, workdir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        conf: str | Path = REPO_CONF,
+        workdir: str | Path | None = None,
+        overrides: Mapping[str, str | None] | None = None,
+    ) -> None:
         self.conf = Path(conf)
+        self.overrides = dict(overrides or {})  # see render_config
         if not self.conf.is_file():
             raise BrokerError(f"{self.conf}: broker config not found (run from a fedmqtt checkout or pass --broker)")
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedmqtt-broker-")
@@ -99,7 +136,7 @@ class LocalBroker:
         """Start the broker (on ``port``, or the previous one, or a free one)."""
         self.port = port or self.port or free_port()
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(render_config(self.conf.read_text(), self.port, self.workdir))
+        conf.write_text(render_config(self.conf.read_text(), self.port, self.workdir, self.overrides))
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)],
             stdout=subprocess.DEVNULL,

@@ -11,12 +11,14 @@ from edge_agent.cli import config_from_args, setup_logging, stop_on_signals
 from edge_agent.config import BrokerConfig, parse_hostport
 from edge_agent.data import DataError
 from edge_agent.mqtt import Loop
+from edge_agent.systemd import notify, start_watchdog
 
 from .broker import BrokerError
 from .config import AggregatorConfig
 from .datasets import DATASETS, federated_digits, federated_synthetic
 from .partition import PARTITIONS, PartitionError
 from .privacy_cli import privacy_main
+from .provision import provision_main
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ def main(command: str, argv: list[str]) -> int:
     try:
         commands = {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main,
                     "export": export_main, "serve-onnx": serve_onnx_main, "status": status_main,
-                    "privacy": privacy_main}
+                    "privacy": privacy_main, "provision": provision_main}
         return commands[command](argv)
     except (BrokerError, DataError, PartitionError, ExportError, TimeoutError) as exc:
         sys.stderr.write(f"fedmqtt {command}: error: {exc}\n")
@@ -107,15 +109,43 @@ def _raise_interrupt(signum, frame) -> None:
 
 def aggregator_main(argv: list[str]) -> int:
     """``fedmqtt aggregator``: the service, in the foreground (systemd runs exactly this)."""
+    from .coordinator import Finished, RoundClosed
     from .service import AggregatorService
 
     cfg = config_from_args(
         AggregatorConfig, "fedmqtt aggregator", "Run the aggregator service.", "deploy/aggregator.toml", argv
     )
     loop = Loop()
-    service = AggregatorService(cfg, loop, on_finished=lambda f: loop.stop())
+    where = f"federation {cfg.federation} on {cfg.broker.host}:{cfg.broker.port}"
+    ready_sent = False
+
+    # systemd (Type=notify): READY=1 once the broker accepted us with the
+    # checkpoint and journal loaded, STATUS= per round, STOPPING=1 on the way out.
+    def ready() -> None:
+        nonlocal ready_sent
+        if not ready_sent:
+            ready_sent = True
+            notify(f"READY=1\nSTATUS={where}: connected, round {service.coordinator.round}")
+
+    def round_closed(ev: RoundClosed) -> None:
+        s = ev.summary
+        notify(f"STATUS={where}: round {s.round} closed with {s.participants} participants")
+
+    def stop(finished: Finished | None = None) -> None:
+        if finished is not None:
+            # Connected, and nothing left to do (maybe from the start): still a
+            # successful start. systemd counts an exit before READY=1 as a
+            # failed start, and Restart=on-failure would then loop.
+            ready()
+        done = f"; finished after round {finished.round}" if finished is not None else ""
+        notify(f"STOPPING=1\nSTATUS={where}: stopping{done}")
+        loop.stop()
+
+    service = AggregatorService(cfg, loop, on_round=round_closed, on_finished=stop, on_ready=ready)
     service.start()
-    stop_on_signals(loop.stop)
+    notify(f"STATUS={where}: connecting to the broker")
+    start_watchdog(loop)  # WATCHDOG=1 from this loop's timers, when the unit has WatchdogSec=
+    stop_on_signals(stop)
     log.info("aggregator for federation %s on %s:%d, state in %s",
              cfg.federation, cfg.broker.host, cfg.broker.port, cfg.state_dir)
     loop.run()
@@ -202,11 +232,13 @@ def serve_onnx_main(argv: list[str]) -> int:
     p.add_argument("--federation", "--fed", default="demo")
     p.add_argument("--input", default="-", help="CSV rows of features (default: stdin, answered line by line)")
     p.add_argument("--wait", type=_positive_float, default=60.0, help="seconds to wait for a first model")
+    p.add_argument("--trusted-key", action="append", default=[], metavar="HEX",
+                   help="serve only models signed by this Ed25519 public key (repeatable)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
     setup_logging(a.verbose)
     host, port = parse_hostport(a.broker)
-    follower = OnnxFollower(BrokerConfig(host=host, port=port), a.federation)
+    follower = OnnxFollower(BrokerConfig(host=host, port=port), a.federation, trusted_keys=a.trusted_key)
     follower.start()
     try:
         if a.input == "-":
