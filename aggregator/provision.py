@@ -35,13 +35,12 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
-import os
 import secrets
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.files import atomic_write
 from edge_agent.wire import valid_id
 
 AGGREGATOR_USER = "aggregator"
@@ -274,22 +273,7 @@ def acl_text(federation: str) -> str:
 
 def _write(path: Path, data: bytes | str, mode: int) -> None:
     """Write atomically with ``mode`` (never briefly readable by others)."""
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, data, mode)
 
 
 def _toml_str(value: str) -> str:

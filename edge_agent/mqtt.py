@@ -19,6 +19,7 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -332,6 +333,13 @@ class Connection:
             return
         try:
             self.client.reconnect()
+        except ssl.SSLCertVerificationError as exc:
+            # Not a network hiccup: we do not trust this broker (wrong ca_file,
+            # or someone in the middle). Say so loudly; keep retrying in case
+            # the operator fixes the certificate.
+            log.error("%s: the broker's TLS certificate is not trusted (%s); check [broker] ca_file = %r",
+                      self.client_id, exc.verify_message or exc, self.broker.ca_file)
+            self._schedule_reconnect()
         except (OSError, paho.WebsocketConnectionError) as exc:
             log.info("%s: cannot reach broker %s:%s (%s); retry in %.1fs",
                      self.client_id, self.broker.host, self.broker.port, exc, self._backoff)
