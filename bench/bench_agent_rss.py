@@ -86,6 +86,7 @@ def child_agent(data_path: str, kind: str, rounds: int) -> None:
     """The agent code path: load, split, AgentCore, ``rounds`` × (model, task, train)."""
     from edge_agent import wire
     from edge_agent.agent import AgentCore, Train
+    from edge_agent.mqtt import Publish
     from edge_agent.data import load, split_holdout
     from edge_agent.models import Model
     from edge_agent.spec import ModelSpec
@@ -109,7 +110,7 @@ def child_agent(data_path: str, kind: str, rounds: int) -> None:
         actions = core.receive(topics.model, model_payload) + core.receive(topics.task, task_payload)
         if [a for a in actions if isinstance(a, Train)] != [Train(rnd)]:
             raise SystemExit(f"round {rnd}: agent did not ask to train: {actions} (rejected {dict(core.rejected)})")
-        (publish,) = core.train(rnd)
+        publish = next(a for a in core.train(rnd) if isinstance(a, Publish))
         update = wire.decode(publish.payload, expect="update", fed=FED, spec=spec)
         params = {name: (params[name] + update.delta[name]).astype("float32") for name in params}
         metrics = update.metrics
