@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
 import signal
 import sys
 
 from edge_agent.cli import config_from_args, setup_logging, stop_on_signals
-from edge_agent.config import BrokerConfig, parse_hostport
+from edge_agent.config import BrokerConfig, add_flags, flag_overrides, load, parse_hostport
 from edge_agent.data import DataError
 from edge_agent.mqtt import Loop
 from edge_agent.systemd import notify, start_watchdog
@@ -40,6 +41,25 @@ def main(command: str, argv: list[str]) -> int:
 
 class ExportError(ValueError):
     """A model that cannot be exported, with the reason."""
+
+
+@dataclass
+class ClientSettings:
+    """The broker settings of the client-only commands (status, serve-onnx): --broker-* flags."""
+
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+
+
+def _client_broker(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, BrokerConfig]:
+    """Parse argv with the --broker-* flags (TLS, credentials) and --broker HOST:PORT."""
+    p.add_argument("--broker", metavar="HOST:PORT", help="shorthand for --broker-host and --broker-port")
+    add_flags(p, ClientSettings)
+    a = p.parse_args(argv)
+    overrides = flag_overrides(a)
+    if a.broker:
+        host, port = parse_hostport(a.broker)
+        overrides.update({"broker.host": host, "broker.port": str(port)})
+    return a, load(ClientSettings, None, overrides).broker
 
 
 def _positive_int(text: str) -> int:
@@ -228,17 +248,15 @@ def serve_onnx_main(argv: list[str]) -> int:
         description="Answer one CSV line per input row (round,label,probabilities... or round,prediction) "
         "with the federation's current ONNX model, swapped in as new rounds arrive.",
     )
-    p.add_argument("--broker", metavar="HOST:PORT", default="127.0.0.1:1883")
     p.add_argument("--federation", "--fed", default="demo")
     p.add_argument("--input", default="-", help="CSV rows of features (default: stdin, answered line by line)")
     p.add_argument("--wait", type=_positive_float, default=60.0, help="seconds to wait for a first model")
     p.add_argument("--trusted-key", action="append", default=[], metavar="HEX",
                    help="serve only models signed by this Ed25519 public key (repeatable)")
     p.add_argument("-v", "--verbose", action="count", default=0)
-    a = p.parse_args(argv)
+    a, broker = _client_broker(p, argv)
     setup_logging(a.verbose)
-    host, port = parse_hostport(a.broker)
-    follower = OnnxFollower(BrokerConfig(host=host, port=port), a.federation, trusted_keys=a.trusted_key)
+    follower = OnnxFollower(broker, a.federation, trusted_keys=a.trusted_key)
     follower.start()
     try:
         if a.input == "-":
@@ -257,9 +275,7 @@ def status_main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="fedmqtt status",
                                 description="Show a federation's agents and last rounds from the broker's retained messages.")
-    p.add_argument("--broker", metavar="HOST:PORT", default="127.0.0.1:1883")
     p.add_argument("--federation", "--fed", default="demo")
-    a = p.parse_args(argv)
-    host, port = parse_hostport(a.broker)
-    sys.stdout.write(render(collect(BrokerConfig(host=host, port=port), a.federation)))
+    a, broker = _client_broker(p, argv)
+    sys.stdout.write(render(collect(broker, a.federation)))
     return 0

@@ -29,7 +29,15 @@ from edge_agent.wire import TrainConfig
 
 from . import checkpoint
 from .broker import LocalBroker
-from .config import AggregatorConfig, FedBuffConfig, ModelConfig, PrivacyConfig, RoundConfig, TrainingConfig
+from .config import (
+    AggregatorConfig,
+    FedBuffConfig,
+    ModelConfig,
+    PrivacyConfig,
+    RoundConfig,
+    SecurityConfig,
+    TrainingConfig,
+)
 from .coordinator import RoundClosed, RoundSummary
 from .datasets import federated_digits
 from .onnx_export import to_onnx_bytes
@@ -134,6 +142,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 round=RoundConfig(min_agents=opts.agents, quorum=1, timeout=ROUND_TIMEOUT_S, seed=opts.seed,
                                   mode=opts.mode),
                 fedbuff=FedBuffConfig(buffer=min(opts.buffer, opts.agents)),
+                # The simulated agents are our own: no rate limit (an async
+                # demo legitimately sends ~30 updates per agent per second).
+                security=SecurityConfig(rate_limit=0.0),
                 privacy=PrivacyConfig(mode=opts.dp, noise_multiplier=opts.noise, clip=opts.clip,
                                       expected_per_round=opts.expected or max(1, opts.agents // 2),
                                       population=opts.agents, budget=opts.budget,
