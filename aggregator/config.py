@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.config import BrokerConfig
+from edge_agent.signing import valid_public_key
 from edge_agent.spec import MODEL_KINDS, ModelSpec, spec_problems
 from edge_agent.wire import valid_id
 
@@ -194,6 +195,11 @@ class SecurityConfig:
     signing_key: str = field(
         default="", metadata={"help": "Ed25519 private key (PKCS#8 PEM) that signs model, model/onnx and task"}
     )
+    announce_keys: list[str] = field(
+        default_factory=list,
+        metadata={"help": "further public keys (64 hex digits) to announce, signed, on fl/<fed>/keys: "
+                          "the next signing key, so agents trust it before the switch"},
+    )
     max_update_norm: float = field(
         default=0.0, metadata={"help": "reject updates whose L2 norm exceeds this (0: off; [strategy] clip_norm clips instead)"}
     )
@@ -210,6 +216,11 @@ class SecurityConfig:
         out = []
         if self.signing_key and not Path(self.signing_key).is_file():
             out.append(("signing_key", f"no such file: {self.signing_key}"))
+        bad = [k for k in self.announce_keys if not valid_public_key(k)]
+        if bad:
+            out.append(("announce_keys", f"must be raw Ed25519 public keys as 64 hex digits, got {bad}"))
+        if self.announce_keys and not self.signing_key:
+            out.append(("announce_keys", "announcing keys needs a signing_key to sign the announcement"))
         if self.max_update_norm < 0:
             out.append(("max_update_norm", f"must be >= 0, got {self.max_update_norm}"))
         if self.rate_limit < 0:

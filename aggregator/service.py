@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from edge_agent import wire
 from edge_agent.data import load as load_data
 from edge_agent.models import Model
 from edge_agent.mqtt import Connection, Loop, Publish
@@ -74,7 +75,7 @@ class AggregatorService:
         # Everything agents act on is signed when a key is configured.
         self.signer = Signer(config.security.signing_key) if config.security.signing_key else None
         self._signed_topics = {self.coordinator.topics.model, self.coordinator.topics.model_onnx,
-                               self.coordinator.topics.task}
+                               self.coordinator.topics.task, self.coordinator.topics.keys}
         # A persistent session (clean start off, session expiry set): the
         # broker keeps our subscriptions and queues the updates agents send
         # while we are down; manual acks mean a message counts as delivered
@@ -108,6 +109,11 @@ class AggregatorService:
             # The retained ONNX model always matches the retained model.
             if self.onnx is not None:
                 actions.insert(1, self.onnx.export(c.round, c.version, c.params))
+            if self.signer is not None:
+                # Key rollover: our key and the next ones, signed by us, retained.
+                keys = [self.signer.public_key, *self.config.security.announce_keys]
+                msg = wire.KeysMsg(fed=self.config.federation, round=c.round, keys=keys)
+                actions.insert(0, Publish(c.topics.keys, wire.encode(msg), qos=1, retain=True))
             self._execute(actions)
             if self.on_ready is not None:
                 self.on_ready()

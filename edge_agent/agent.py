@@ -59,13 +59,20 @@ class PutOutbox:
 
 
 @dataclass
+class SaveTrustedKeys:
+    """Action: persist the trusted signing keys (after a signed key rollover)."""
+
+    keys: list[str]
+
+
+@dataclass
 class DropOutbox:
     """Action: the round of this outbox entry is over."""
 
     key: tuple[int, int]
 
 
-Action = Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox
+Action = Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox | SaveTrustedKeys
 
 
 @dataclass
@@ -108,7 +115,8 @@ class AgentCore:
     # -- what to say and hear -------------------------------------------------
 
     def subscriptions(self) -> list[str]:
-        return [self.topics.model, self.topics.task]
+        subs = [self.topics.model, self.topics.task]
+        return subs + [self.topics.keys] if self.verifier is not None else subs
 
     def status(self, state: str = "online") -> Publish:
         """The retained status message (``offline`` is also the last will)."""
@@ -132,7 +140,7 @@ class AgentCore:
         kind, _ = self.topics.parse(topic)
         if not payload:
             return []  # a cleared retained message: nothing to act on
-        if self.verifier is not None and kind in ("model", "task"):
+        if self.verifier is not None and kind in ("model", "task", "keys"):
             try:
                 self.verifier.verify(topic, payload, props or {})
             except SignatureError as exc:
@@ -142,6 +150,13 @@ class AgentCore:
                 return self._on_model(wire.decode(payload, expect="model", fed=self.fed))
             if kind == "task":
                 return self._on_task(wire.decode(payload, expect="task", fed=self.fed))
+            if kind == "keys" and self.verifier is not None:
+                # Signed by a key we trust (checked above): trust what it announces.
+                new = self.verifier.add(wire.decode(payload, expect="keys", fed=self.fed).keys)
+                if new:
+                    log.info("%s: now trusting signing key(s) %s", self.agent_id, ", ".join(k[:16] for k in new))
+                    return [SaveTrustedKeys(self.verifier.trusted)]
+                return []
         except wire.WireError as exc:
             return self._reject(exc.reason, f"{topic}: {exc.detail}")
         return []
@@ -325,6 +340,8 @@ class AgentRunner:
         if store is not None:
             core.trained |= store.load_trained()
             core.outbox.update(store.load_outbox())
+            if core.verifier is not None:
+                core.verifier.add(store.load_trusted_keys())  # learned through signed rollovers
         if eligibility is not None:
             core.set_eligibility(*check_device(eligibility))
         self.conn = Connection(
@@ -375,6 +392,9 @@ class AgentRunner:
             elif isinstance(a, DropOutbox):
                 if self.store is not None:
                     self.store.drop_outbox(a.key)
+            elif isinstance(a, SaveTrustedKeys):
+                if self.store is not None:
+                    self.store.save_trusted_keys(a.keys)
             elif isinstance(a, Done):
                 log.info("%s: federation finished after round %d", self.core.agent_id, a.round)
                 if self.on_done is not None:

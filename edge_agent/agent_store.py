@@ -45,6 +45,20 @@ class AgentStore:
         keep = sorted(trained)[-MAX_TRAINED_REMEMBERED:]
         atomic_write(self.dir / "trained.json", json.dumps(keep).encode())
 
+    def load_trusted_keys(self) -> list[str]:
+        """Signing keys learned from signed key messages (on top of the configured ones)."""
+        try:
+            keys = json.loads((self.dir / "trusted_keys.json").read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            log.warning("trusted_keys.json unreadable (%s); using the configured keys only", exc)
+            return []
+        return [k for k in keys if isinstance(k, str)]
+
+    def save_trusted_keys(self, keys: list[str]) -> None:
+        atomic_write(self.dir / "trusted_keys.json", json.dumps(sorted(keys)).encode())
+
     def load_outbox(self) -> dict[tuple[int, int], bytes]:
         out = {}
         for p in (self.dir / "outbox").iterdir():

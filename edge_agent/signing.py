@@ -52,7 +52,20 @@ class Verifier:
         bad = [k for k in trusted_keys if not valid_public_key(k)]
         if bad:
             raise ValueError(f"trusted keys must be 64 hex digits (raw Ed25519 public keys), got {bad}")
+        self._cls = Ed25519PublicKey
         self._keys = {k.lower(): Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for k in trusted_keys}
+
+    @property
+    def trusted(self) -> list[str]:
+        """The pinned keys, as hex."""
+        return sorted(self._keys)
+
+    def add(self, keys: list[str]) -> list[str]:
+        """Trust more keys (from a keys message a trusted key signed); returns the new ones."""
+        new = [k.lower() for k in keys if valid_public_key(k) and k.lower() not in self._keys]
+        for k in new:
+            self._keys[k] = self._cls.from_public_bytes(bytes.fromhex(k))
+        return new
 
     def verify(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
         """Raise SignatureError unless a trusted key signed exactly this topic and payload."""

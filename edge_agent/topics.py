@@ -44,6 +44,11 @@ class Topics:
         return f"{self.prefix}/metrics"
 
     @property
+    def keys(self) -> str:
+        """The aggregator's signed list of model-signing keys (key rollover)."""
+        return f"{self.prefix}/keys"
+
+    @property
     def updates(self) -> str:
         """Subscription filter for every agent's updates."""
         return f"{self.prefix}/update/+"
@@ -73,7 +78,7 @@ class Topics:
         if not topic.startswith(head):
             return "", None
         rest = topic[len(head):]
-        if rest in ("model", "model/onnx", "task", "metrics"):
+        if rest in ("model", "model/onnx", "task", "metrics", "keys"):
             return rest, None
         parts = rest.split("/")
         if len(parts) == 2 and parts[0] == "update" and valid_id(parts[1]):

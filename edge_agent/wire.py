@@ -58,9 +58,11 @@ ALLOWED_DTYPES = frozenset(
     {"<f2", "<f4", "<f8", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8"}
 )
 
-KINDS = ("model", "task", "update", "status", "metrics")
+KINDS = ("model", "task", "update", "status", "metrics", "keys")
 TASK_STATES = ("open", "waiting", "done")
 TASK_MODES = ("sync", "async")
+# Signing keys one keys message may announce (the current one and a few next).
+MAX_SIGNING_KEYS = 8
 # Round summaries a metrics message may carry (the recent history that
 # `fedmqtt status` shows from the retained message alone).
 MAX_METRICS_HISTORY = 20
@@ -179,7 +181,20 @@ class MetricsMsg:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-Message = ModelMsg | TaskMsg | UpdateMsg | StatusMsg | MetricsMsg
+@dataclass
+class KeysMsg:
+    """The aggregator's model-signing public keys (retained on ``fl/<fed>/keys``, signed).
+
+    Agents that trust the signer add these keys: how a new signing key
+    reaches the fleet without touching any device.
+    """
+
+    fed: str
+    round: int
+    keys: list[str] = field(default_factory=list)
+
+
+Message = ModelMsg | TaskMsg | UpdateMsg | StatusMsg | MetricsMsg | KeysMsg
 
 
 # --------------------------------------------------------------------------
@@ -336,6 +351,8 @@ def encode(msg: Message) -> bytes:
             "eligible": bool(msg.eligible),
             "reason": msg.reason,
         }
+    elif isinstance(msg, KeysMsg):
+        body = {"keys": list(msg.keys)}
     else:
         body = {
             "version": msg.version,
@@ -358,7 +375,8 @@ def _arrays_of(msg: Message) -> list[np.ndarray]:
     return []
 
 
-_KIND_OF = {ModelMsg: "model", TaskMsg: "task", UpdateMsg: "update", StatusMsg: "status", MetricsMsg: "metrics"}
+_KIND_OF = {ModelMsg: "model", TaskMsg: "task", UpdateMsg: "update", StatusMsg: "status", MetricsMsg: "metrics",
+            KeysMsg: "keys"}
 
 
 # --------------------------------------------------------------------------
@@ -492,6 +510,13 @@ def decode(
             eligible=r.get("eligible", bool),
             reason=r.optional("reason", str, ""),
         )
+    elif kind == "keys":
+        keys = r.get("keys", list)
+        if not keys or len(keys) > MAX_SIGNING_KEYS or not all(
+            isinstance(k, str) and len(k) == 64 and all(c in "0123456789abcdefABCDEF" for c in k) for k in keys
+        ):
+            raise WireError("bad_field", f"keys.keys must be 1..{MAX_SIGNING_KEYS} Ed25519 public keys (64 hex digits)")
+        msg = KeysMsg(fed=msg_fed, round=rnd, keys=keys)
     else:
         msg = MetricsMsg(
             fed=msg_fed,

@@ -305,3 +305,61 @@ def test_mutated_valid_updates_are_accepted_whole_or_change_nothing(data):
         assert c.open.received == {"a0"} and after[0] == before[0]
     else:
         assert after == before
+
+
+# -- key rollover ---------------------------------------------------------------------
+
+def _keys_message(fed: str, keys: list[str], signer: Signer) -> tuple[str, bytes, dict]:
+    topic = Topics(fed).keys
+    payload = wire.encode(wire.KeysMsg(fed, 0, keys))
+    return topic, payload, dict(signer.properties(topic, payload))
+
+
+def test_a_signed_key_rollover_reaches_an_agent_without_touching_it(tmp_path):
+    from edge_agent.agent import SaveTrustedKeys
+    from edge_agent.data import LocalData
+    from edge_agent.models import Model
+    from edge_agent.spec import ModelSpec
+
+    old_pub, new_pub = make_key(tmp_path / "old.pem"), make_key(tmp_path / "new.pem")
+    old, new = Signer(str(tmp_path / "old.pem")), Signer(str(tmp_path / "new.pem"))
+    X = np.zeros((4, 3), np.float32)
+    core = AgentCore("dev", "rot", LocalData(X, np.zeros(4, np.int64), X[:0], np.zeros(0, np.int64)),
+                     verifier=Verifier([old_pub]))
+    assert Topics("rot").keys in core.subscriptions()
+    spec = ModelSpec("softmax", 3, 2)
+    params = Model(spec).init_params(0)
+    model = wire.encode(wire.ModelMsg("rot", 0, wire.params_version(params), spec, params))
+    t = Topics("rot")
+    # before the rollover a model signed with the new key is refused
+    assert core.receive(t.model, model, dict(new.properties(t.model, model))) == []
+    assert core.rejected["untrusted_key"] == 1
+    # an announcement signed by someone else is refused too
+    stranger = make_key(tmp_path / "x.pem")
+    assert core.receive(*_keys_message("rot", [stranger], Signer(str(tmp_path / "x.pem")))) == []
+    assert core.rejected["untrusted_key"] == 2
+    # the old key announces the new one: the agent trusts it from now on, and says to persist it
+    actions = core.receive(*_keys_message("rot", [old_pub, new_pub], old))
+    assert actions == [SaveTrustedKeys(sorted([old_pub, new_pub]))]
+    core.receive(t.model, model, dict(new.properties(t.model, model)))
+    assert core.model_msg is not None and core.rejected["untrusted_key"] == 2
+
+
+@pytest.mark.broker
+def test_the_aggregator_announces_its_keys_signed_and_retained(fed, broker, broker_config, tmp_path, start_aggregator):
+    key_file = tmp_path / "signing.pem"
+    pub = make_key(key_file)
+    nxt = make_key(tmp_path / "next.pem")
+    cfg = AggregatorConfig(federation=fed, rounds=1, state_dir=str(tmp_path / "state"),
+                           model=ModelConfig(kind="linear", n_features=1, n_outputs=1),
+                           round=RoundConfig(min_agents=5, timeout=WAIT_S),
+                           security=SecurityConfig(signing_key=str(key_file), announce_keys=[nxt]),
+                           broker=broker_config)
+    start_aggregator(cfg)
+    watcher = RawClient(broker)
+    watcher.client.on_message = lambda c, u, m: watcher.messages.put((m.topic, m.payload, dict(m.properties.UserProperty)))
+    watcher.subscribe(Topics(fed).keys)
+    payload, props = watcher.wait_for(Topics(fed).keys)
+    assert wire.decode(payload, expect="keys").keys == [pub, nxt]
+    Verifier([pub]).verify(Topics(fed).keys, payload, props)
+    watcher.close()
