@@ -412,7 +412,7 @@ class Coordinator:
             # Poisson sampling, as the accountant assumes. An empty draw opens
             # nothing and is redrawn at the next tick (negligible for the
             # expected sizes DP needs: P(empty) = (1 - q)^N).
-            selected = self.privacy.select(candidates, q, self.rng)
+            selected = self.privacy.select(candidates, q)
             if not selected:
                 return []
             target, deadline = len(selected), now + rc.timeout
@@ -463,6 +463,11 @@ class Coordinator:
     def _close(self, now: float) -> list[Action]:
         o = self.open
         assert o is not None
+        if self.privacy is not None and len(o.received) < self.privacy.min_updates():
+            # Distributed DP: each device added only a share of the noise; a
+            # sum of fewer than min_clients shares is under-noised. Release nothing.
+            self.rejected["too_few_for_privacy"] += 1
+            return self._abandon(now, f"{len(o.received)} updates carry less than the full DP noise")
         new_params = self.strategy.result(self.params)
         if not all(np.isfinite(a).all() for a in new_params.values()):
             # Every delta was finite, yet the sum overflowed float32: publishing

@@ -75,6 +75,7 @@ class PrivacyEngine:
             self.noise_multiplier = z
             self.clip = self.cfg.clip
             self.accountant = PrivacyAccountant(self.cfg.accountant, self.cfg.delta)
+        self.pending_clip: float | None = None
         self.count_stddev = self.cfg.count_stddev or self.expected / COUNT_STDDEV_DIVISOR
         # With adaptive clipping the count query takes part of the budget (Andrew et al., Thm 1).
         self.sum_noise_multiplier = (
@@ -89,10 +90,19 @@ class PrivacyEngine:
         population = self.cfg.population or max(known_agents, self.expected)
         return min(1.0, self.expected / population)
 
-    def select(self, candidates: list[str], q: float, rng: np.random.Generator) -> list[str]:
-        """Poisson sampling: every candidate independently with probability q."""
-        draws = rng.random(len(candidates))
+    def select(self, candidates: list[str], q: float) -> list[str]:
+        """Poisson sampling: every candidate independently with probability q.
+
+        Drawn from OS entropy, not the federation's seed: a sample anyone can
+        predict gives no amplification (the draw is journaled, so a restart
+        still resumes the same round).
+        """
+        draws = self.noise_rng.random(len(candidates))
         return [a for a, u in zip(candidates, draws) if u < q]
+
+    def min_updates(self) -> int:
+        """Updates a round needs before anything may be released (distributed mode: min_clients)."""
+        return self.cfg.min_clients if self.cfg.mode == "distributed" else 1
 
     def budget_problem(self, q: float) -> str:
         """Why the next round may not start (empty when it may)."""
@@ -115,7 +125,9 @@ class PrivacyEngine:
         return s, 0.0
 
     def charge(self, q: float) -> dict[str, float]:
-        """Compose one released round; the figures for the metrics message."""
+        """Compose one released round (and adopt its adaptive clip norm); the figures for the metrics message."""
+        if self.pending_clip is not None:
+            self.clip, self.pending_clip = self.pending_clip, None
         self.accountant.compose_round(q, self.noise_multiplier)
         eps = self.accountant.epsilon()
         log.info("privacy: epsilon %.4f at delta %g after %d rounds (q %.4f, z %.3f, clip %.4f)",
@@ -150,6 +162,7 @@ class DPAggregate(Strategy):
         self.clipped = 0
 
     def begin(self, global_params: Mapping[str, np.ndarray]) -> None:
+        self.engine.pending_clip = None  # a new clip norm from an abandoned round is never adopted
         self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_params.items()}
         self.count = 0
         self.unclipped = 0.0
@@ -181,10 +194,11 @@ class DPAggregate(Strategy):
         out = self.inner.result(global_params)
         if e.cfg.adaptive_clip:
             b = (self.unclipped + e.noise_rng.normal(0.0, e.count_stddev)) / e.expected
-            old = e.clip
-            e.clip = float(e.clip * math.exp(-e.cfg.clip_lr * (b - e.cfg.target_quantile)))
+            # Applied by charge(), i.e. only if this round's model is released:
+            # a new S derived from an abandoned round would leak unaccounted.
+            e.pending_clip = float(e.clip * math.exp(-e.cfg.clip_lr * (b - e.cfg.target_quantile)))
             log.info("adaptive clipping: %.0f of %d unclipped (noised fraction %.3f): clip %.4f -> %.4f",
-                     self.unclipped, self.count, b, old, e.clip)
+                     self.unclipped, self.count, b, e.clip, e.pending_clip)
         return out
 
     def full(self) -> bool:

@@ -122,6 +122,8 @@ def test_adaptive_clipping_moves_the_norm_the_right_way(unclipped, direction):
     for _ in range(20):
         agg.add(zero, 1.0, {"dp_unclipped": unclipped})
     agg.result(zero)
+    assert engine.clip == 1.0  # not before the round's model is released
+    engine.charge(0.1)
     # γ = 0.5, η = 0.2: all clipped -> C·e^{0.1}; none clipped -> C·e^{-0.1} (up to the count noise)
     if direction == "up":
         assert engine.clip > 1.05
@@ -224,3 +226,25 @@ def test_a_dp_demo_over_the_broker_reports_epsilon_every_round(tmp_path):
     assert len(eps) == 4 and all(e > 0 for e in eps) and eps == sorted(eps)
     assert out.getvalue().count("epsilon") >= 4
     assert eps[-1] == pytest.approx(epsilon_for(20, 10, 4, 0.8, 1e-5), rel=1e-6)
+
+
+def test_distributed_rounds_with_fewer_than_min_clients_release_nothing():
+    cfg = dp_config(mode="distributed", min_clients=5, expected_per_round=10, population=20)
+    cfg.round.quorum = 1
+    c = started(cfg, n_agents=20)
+    v0 = c.version
+    selected = list(c.open.selected)
+    for a in selected[:3]:  # only 3 shares of the noise arrive
+        delta = {"W0": np.zeros((1, 1), np.float32), "b0": np.zeros(1, np.float32)}
+        c.receive(T.update(a), wire.encode(wire.UpdateMsg(FED, c.open.round, a, c.version, 10, delta, {})), 1.0)
+    c.tick(100.0)  # deadline: quorum 1 is met, but the sum is under-noised
+    assert c.round == 0 and c.version == v0 and c.rejected["too_few_for_privacy"] == 1
+    assert c.privacy.accountant.rounds == 0  # nothing released, nothing charged
+
+
+def test_pld_refuses_noise_it_cannot_account_in_time():
+    from edge_agent.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="privacy.accountant"):
+        from_dict(AggregatorConfig, {"privacy": {"mode": "central", "expected_per_round": 5, "accountant": "pld",
+                                                 "noise_multiplier": 0.05}})
