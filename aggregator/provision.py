@@ -10,7 +10,7 @@
 ``passwd``                mosquitto password file (PBKDF2-SHA512, ``$7$`` format)
 ``acl``                   mosquitto ACL: the aggregator may use ``fl/<fed>/#``, an
                           agent only its own update/status topics and the
-                          federation's model, model/onnx, task and metrics
+                          federation's model, model/onnx, task, metrics and keys
 ``aggregator.*``          the aggregator's client certificate, key and MQTT password,
                           and ``aggregator.toml`` (the config keys that use them)
 ``signing.key/.pub``      the aggregator's Ed25519 model-signing key (PKCS#8 PEM) and
@@ -261,6 +261,7 @@ def acl_text(federation: str) -> str:
         f"pattern read {p}/model/onnx\n"
         f"pattern read {p}/task\n"
         f"pattern read {p}/metrics\n"
+        f"pattern read {p}/keys\n"
         "\n"
         "# The aggregator\n"
         f"user {AGGREGATOR_USER}\n"

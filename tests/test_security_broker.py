@@ -256,6 +256,7 @@ def test_provision_writes_keys_certificates_passwords_and_acl(pki):
         f"pattern read fl/{FED}/model/onnx",
         f"pattern read fl/{FED}/task",
         f"pattern read fl/{FED}/metrics",
+        f"pattern read fl/{FED}/keys",
         f"user {AGGREGATOR_USER}",
         f"topic readwrite fl/{FED}/#",
     ]
@@ -436,6 +437,7 @@ def test_an_agent_cannot_publish_outside_its_own_topics(pki, probe):
         f"fl/{FED}/model/onnx",
         f"fl/{FED}/task",                      # round control
         f"fl/{FED}/metrics",
+        f"fl/{FED}/keys",                      # signing-key announcements
         f"fl/{FED}/agent/{B}/status",          # another agent's status
         f"fl/{FED}/agent/{A}/inbox",           # its own inbox is read-only
         f"fl/{FED}/agent/{B}/inbox",
@@ -479,6 +481,15 @@ def test_an_agent_cannot_read_other_agents_updates_or_inboxes(pki, probe):
     # (overlapping subscriptions may deliver a message once per match: compare sets)
     got = set(snoop.received(until=b"control model"))
     assert got == {(f"fl/{FED}/agent/{A}/inbox", b"control inbox"), (f"fl/{FED}/model", b"control model")}
+
+
+def test_an_agent_receives_the_aggregators_key_announcements(pki, probe):
+    """Key rollover needs agents to read fl/<fed>/keys (and only the aggregator to write it)."""
+    agent = connected(probe(**creds(pki, A)))
+    agent.subscribe(f"fl/{FED}/keys")
+    aggregator = connected(probe(**creds(pki, AGGREGATOR_USER)))
+    aggregator.publish(f"fl/{FED}/keys", b"announcement")
+    assert agent.received(until=b"announcement") == [(f"fl/{FED}/keys", b"announcement")]
 
 
 def test_a_last_will_on_a_forbidden_topic_is_never_delivered(pki, probe):
