@@ -248,6 +248,11 @@ class Coordinator:
             return []
         if len(o.received) >= self.config.round.quorum:
             return self._close(now)
+        if self.async_mode:
+            # Async updates are never thrown away: wait another period for
+            # the buffer (agents may have left since it opened).
+            o.deadline = now + self.config.round.timeout
+            return []
         return self._abandon(now, "deadline")
 
     # -- status ---------------------------------------------------------------
@@ -401,7 +406,10 @@ class Coordinator:
         if self.async_mode:
             # Each agent trains once per version: a buffer larger than the
             # fleet would never fill.
-            selected, target, deadline = candidates, min(self.config.fedbuff.buffer, len(candidates)), math.inf
+            # The deadline only flushes a partial buffer (with at least quorum
+            # updates) when agents left after it opened; it is not published.
+            selected = candidates
+            target, deadline = min(self.config.fedbuff.buffer, len(candidates)), now + rc.timeout
         elif self.privacy is not None:
             q = self.privacy.sampling_rate(len(self.agents))
             problem = self.privacy.budget_problem(q)
@@ -563,14 +571,14 @@ class Coordinator:
             base=self.version,
             state="open",
             attempt=o.attempt,
-            deadline=0.0 if math.isinf(o.deadline) else o.deadline,
+            deadline=0.0 if self.async_mode else o.deadline,
             selected=o.selected,
             config=wire.TrainConfig(
                 epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu,
                 clip_norm=clip_norm, noise_std=noise_std,
             ),
             # Agents not selected look again when this round should be over.
-            retry_after=0.0 if math.isinf(o.deadline) else max(0.0, min(o.deadline - now, self._pace())),
+            retry_after=0.0 if self.async_mode else max(0.0, min(o.deadline - now, self._pace())),
             mode=self.config.round.mode,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)

@@ -518,7 +518,7 @@ def test_async_mode_weights_updates_by_staleness_and_rejects_too_stale_ones():
     for i in range(3):
         c.receive(*status(f"a{i}"), now=0.0)
     v0 = c.version
-    assert c.open.target == 2 and c.open.deadline == float("inf")
+    assert c.open.target == 2 and c.open.deadline == 10.0  # flushes a partial buffer only
     c.receive(*update(c, "a0", [2, 0], n=1), now=1.0)
     c.receive(*update(c, "a1", [4, 0], n=1), now=1.0)
     assert c.round == 1 and theta(c.params)[0] == pytest.approx(3.0)  # buffer of 2 applied
@@ -592,3 +592,20 @@ def test_agent_metrics_cannot_spoof_aggregator_names_or_grow_without_bound():
     m = wire.decode(published(actions, T.metrics)[0].payload).metrics
     assert m["seconds"] == 1.0 and "rejected_fake" not in m and "x0" not in m
     assert sum(k.startswith("train_") for k in m) <= 32
+
+
+def test_async_deadline_flushes_a_partial_buffer_and_never_discards_updates():
+    c = Coordinator(async_config(quorum=1), FedAvg())
+    c.config.fedbuff.buffer = 3
+    c.start(0.0)
+    for i in range(3):
+        c.receive(*status(f"a{i}"), now=0.0)
+    assert c.open.target == 3
+    assert c.tick(10.0) == [] and c.open.deadline == 20.0  # nothing yet: wait another period
+    c.receive(*update(c, "a0", [2, 0]), now=11.0)  # then two agents leave: the buffer cannot fill
+    actions = c.tick(20.0)
+    closed = [a for a in actions if isinstance(a, RoundClosed)]
+    assert closed and closed[0].summary.participants == 1 and c.round == 1
+    assert theta(c.params)[0] == pytest.approx(2.0)
+    task = wire.decode(published(actions, T.task)[0].payload)
+    assert task.mode == "async" and task.deadline == 0.0  # the flush timer is not published
