@@ -14,6 +14,7 @@ from edge_agent.data import DataError
 from edge_agent.mqtt import Loop
 from edge_agent.systemd import notify, start_watchdog
 
+from .argtypes import positive_float, positive_int
 from .broker import BrokerError
 from .config import AggregatorConfig
 from .datasets import DATASETS, federated_digits, federated_synthetic
@@ -62,20 +63,6 @@ def _client_broker(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argpars
     return a, load(ClientSettings, None, overrides).broker
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def demo_main(argv: list[str]) -> int:
     """``fedmqtt demo``."""
     from .demo import DemoOptions, run_demo
@@ -85,21 +72,21 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of a private mosquitto")
     p.add_argument("--model", choices=("softmax", "mlp"), default=d.model)
     p.add_argument("--hidden", default="64", help="mlp hidden layer sizes, comma-separated (default 64)")
-    p.add_argument("--agents", type=_positive_int, default=d.agents)
-    p.add_argument("--rounds", type=_positive_int, default=d.rounds)
-    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="local epochs per round")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=_positive_float, default=d.lr)
+    p.add_argument("--agents", type=positive_int, default=d.agents)
+    p.add_argument("--rounds", type=positive_int, default=d.rounds)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="local epochs per round")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=positive_float, default=d.lr)
     p.add_argument("--partition", choices=PARTITIONS, default=d.partition)
-    p.add_argument("--alpha", type=_positive_float, default=d.alpha, help="Dirichlet concentration")
+    p.add_argument("--alpha", type=positive_float, default=d.alpha, help="Dirichlet concentration")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--mode", choices=("sync", "async"), default=d.mode,
                    help="sync rounds, or async FedBuff (applies every --buffer updates)")
-    p.add_argument("--buffer", type=_positive_int, default=d.buffer, help="FedBuff: updates per model version")
+    p.add_argument("--buffer", type=positive_int, default=d.buffer, help="FedBuff: updates per model version")
     p.add_argument("--dp", choices=("off", "central", "local", "distributed"), default=d.dp,
                    help="client-level differential privacy: who adds the noise")
-    p.add_argument("--noise", type=_positive_float, default=d.noise, help="DP noise multiplier z")
-    p.add_argument("--clip", type=_positive_float, default=d.clip, help="DP clip norm S")
+    p.add_argument("--noise", type=positive_float, default=d.noise, help="DP noise multiplier z")
+    p.add_argument("--clip", type=positive_float, default=d.clip, help="DP clip norm S")
     p.add_argument("--expected", type=int, default=d.expected, help="DP: expected agents per round (0: half)")
     p.add_argument("--budget", type=float, default=d.budget, help="DP: stop before epsilon would exceed this")
     p.add_argument("--adaptive-clip", action="store_true", help="DP: adapt the clip norm (Andrew et al. 2021)")
@@ -179,10 +166,10 @@ def sim_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fedmqtt sim", description="Run N simulated agents in one process.")
     p.add_argument("--broker", metavar="HOST:PORT", default="127.0.0.1:1883")
     p.add_argument("--federation", "--fed", default="demo")
-    p.add_argument("--agents", type=_positive_int, default=10)
+    p.add_argument("--agents", type=positive_int, default=10)
     p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--partition", choices=PARTITIONS, default="dirichlet", help="digits only")
-    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet α (digits) or Synthetic α")
+    p.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet α (digits) or Synthetic α")
     p.add_argument("--beta", type=float, default=0.5, help="Synthetic β")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction each agent holds out for evaluation")
     p.add_argument("--seed", type=int, default=0)
@@ -250,7 +237,7 @@ def serve_onnx_main(argv: list[str]) -> int:
     )
     p.add_argument("--federation", "--fed", default="demo")
     p.add_argument("--input", default="-", help="CSV rows of features (default: stdin, answered line by line)")
-    p.add_argument("--wait", type=_positive_float, default=60.0, help="seconds to wait for a first model")
+    p.add_argument("--wait", type=positive_float, default=60.0, help="seconds to wait for a first model")
     p.add_argument("--trusted-key", action="append", default=[], metavar="HEX",
                    help="serve only models signed by this Ed25519 public key (repeatable)")
     p.add_argument("-v", "--verbose", action="count", default=0)

@@ -13,39 +13,10 @@ import argparse
 import sys
 
 from .accounting import ACCOUNTANTS, epsilon_for, noise_for_epsilon
+from .argtypes import positive_float, positive_int, probability
 
 #: Fractions of the planned rounds the table reports ε for.
 TABLE_FRACTIONS = (0.10, 0.25, 0.50, 1.00)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
 
 
 def _fmt(x: float) -> str:
@@ -77,17 +48,17 @@ def privacy_main(argv: list[str]) -> int:
         "selected independently with probability q = per-round / population (Poisson sampling) "
         "and device-level DP (adding or removing one device's data).",
     )
-    p.add_argument("--population", type=_positive_int, required=True, metavar="N",
+    p.add_argument("--population", type=positive_int, required=True, metavar="N",
                    help="devices that can be selected")
-    p.add_argument("--per-round", type=_positive_int, required=True, metavar="K",
+    p.add_argument("--per-round", type=positive_int, required=True, metavar="K",
                    help="devices selected per round on average, over-selection included")
-    p.add_argument("--rounds", type=_positive_int, required=True, metavar="R", help="rounds to run")
+    p.add_argument("--rounds", type=positive_int, required=True, metavar="R", help="rounds to run")
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--noise", type=_positive_float, metavar="Z",
+    goal.add_argument("--noise", type=positive_float, metavar="Z",
                       help="noise multiplier z (noise stddev on the sum = z x clip norm)")
-    goal.add_argument("--target-epsilon", type=_positive_float, metavar="E",
+    goal.add_argument("--target-epsilon", type=positive_float, metavar="E",
                       help="find the smallest noise multiplier with epsilon <= E after R rounds")
-    p.add_argument("--delta", type=_probability, default=1e-5, help="delta (default 1e-5)")
+    p.add_argument("--delta", type=probability, default=1e-5, help="delta (default 1e-5)")
     p.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp",
                    help="rdp (fast) or pld (tighter, slower); default rdp")
     a = p.parse_args(argv)

@@ -18,7 +18,11 @@ Params = dict[str, np.ndarray]
 
 def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
     """The L2 norm of all parameters together (float64 accumulation)."""
-    return math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel().astype(np.float64))) for a in delta.values()))
+    total = 0.0
+    for a in delta.values():
+        flat = np.asarray(a, dtype=np.float64).ravel()  # widened once, not once per dot operand
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
 
 
 def clip(delta: Mapping[str, np.ndarray], max_norm: float) -> tuple[Params, float, bool]:
