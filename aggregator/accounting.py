@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 from typing import Any, Iterator, Sequence
 
 import dp_accounting as dpa
+import numpy as np
 from dp_accounting import pld, rdp
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,19 @@ def _round_event(q: float, noise_multiplier: float) -> dpa.DpEvent:
     return gaussian if q == 1.0 else dpa.PoissonSampledDpEvent(q, gaussian)
 
 
+_RDP_ORDERS = np.asarray(rdp.RdpAccountant().orders)
+
+
+@functools.lru_cache(maxsize=256)
+def _single_round_rdp(q: float, noise_multiplier: float) -> np.ndarray:
+    """RDP curve (at dp-accounting's default orders) of one round of (q, z), read from dp-accounting."""
+    acc = rdp.RdpAccountant(_RDP_ORDERS)
+    acc.compose(_round_event(q, noise_multiplier), 1)
+    curve = acc.rdp
+    curve.setflags(write=False)  # shared by every caller
+    return curve
+
+
 def _append_run(runs: list[list[Any]], q: float, z: float, count: int) -> None:
     """Append ``count`` rounds of (q, z) to ``runs``, merging with the last run."""
     if runs and runs[-1][0] == q and runs[-1][1] == z:
@@ -136,6 +151,7 @@ class PrivacyAccountant:
         self._runs: list[list[Any]] = []
         # Every run but the last one, composed; ε copies it and adds the last.
         self._closed = self._new_accountant()
+        self._closed_rdp = np.zeros(len(_RDP_ORDERS))  # RDP: the closed runs' curve
         self._n_closed = 0
         self._epsilon: float | None = None  # cached ε of the current runs
 
@@ -146,15 +162,26 @@ class PrivacyAccountant:
         """Compose runs ``[_n_closed, upto)`` into the closed accountant."""
         with _quiet_absl():
             for q, z, count in self._runs[self._n_closed:upto]:
-                self._closed.compose(_round_event(q, z), count)
+                if self.accountant == "rdp":
+                    self._closed_rdp = self._closed_rdp + count * _single_round_rdp(q, z)
+                else:
+                    self._closed.compose(_round_event(q, z), count)
         self._n_closed = max(self._n_closed, upto)
 
     def _epsilon_with(self, tail: Sequence[Sequence[Any]]) -> float:
         """ε of the closed runs followed by ``tail`` (composed on a copy)."""
         if self._n_closed == 0 and not tail:
             return 0.0
-        acc = copy.deepcopy(self._closed)
         with _quiet_absl():
+            if self.accountant == "rdp":
+                # RDP composes by adding the per-order curves: exactly what
+                # RdpAccountant.compose(event, count) does, with the curve of
+                # one round computed once per (q, z) instead of every round.
+                total = self._closed_rdp
+                for q, z, count in tail:
+                    total = total + count * _single_round_rdp(q, z)
+                return float(rdp.compute_epsilon(_RDP_ORDERS, total, self.delta)[0])
+            acc = copy.deepcopy(self._closed)
             for q, z, count in tail:
                 acc.compose(_round_event(q, z), count)
             return float(acc.get_epsilon(self.delta))

@@ -242,10 +242,14 @@ class PrivacyConfig:
     clip: float = field(default=1.0, metadata={"help": "L2 clip norm S of every update (the initial one with adaptive_clip)"})
     noise_multiplier: float = field(default=1.0, metadata={"help": "z: noise std is z x S on the sum of updates"})
     target_epsilon: float = field(
-        default=0.0, metadata={"help": "> 0: choose z so that `rounds` rounds spend this epsilon (needs population)"}
+        default=0.0,
+        metadata={"help": "> 0: choose z so that `rounds` rounds spend this epsilon, and stop there "
+                          "(needs population and rounds > 0)"},
     )
     delta: float = field(default=1e-5, metadata={"help": "the delta of (epsilon, delta)"})
-    budget: float = field(default=0.0, metadata={"help": "never start a round that would take epsilon above this (0: no cap)"})
+    budget: float = field(
+        default=0.0, metadata={"help": "never start a round that would take epsilon above this (0: target_epsilon, or no cap)"}
+    )
     accountant: str = field(default="rdp", metadata={"help": "rdp | pld (dp-accounting)"})
     population: int = field(
         default=0, metadata={"help": "devices in the population (0: every agent the aggregator has seen)"}
@@ -254,7 +258,9 @@ class PrivacyConfig:
         default=0, metadata={"help": "expected devices per round, q = this / population (0: [round] agents_per_round)"}
     )
     min_clients: int = field(
-        default=2, metadata={"help": "distributed: each device adds noise z S / sqrt(min_clients)"}
+        default=2,
+        metadata={"help": "distributed: each device adds noise z S / sqrt(min_clients - 1), so any min_clients "
+                          "updates protect each one by z S from the others' noise (>= 2)"},
     )
     adaptive_clip: bool = field(default=False, metadata={"help": "adapt S towards the target quantile of update norms"})
     target_quantile: float = field(default=0.5, metadata={"help": "adaptive clipping: share of updates left unclipped"})
@@ -291,8 +297,9 @@ class PrivacyConfig:
             out.append(("expected_per_round", f"{self.expected_per_round} is more than the population {self.population}"))
         if self.target_epsilon and not self.population:
             out.append(("population", "target_epsilon needs the population size to plan the noise"))
-        if self.min_clients < 1:
-            out.append(("min_clients", f"must be >= 1, got {self.min_clients}"))
+        if self.min_clients < 2:
+            # a device's own share does not protect it: one device needs at least one other share
+            out.append(("min_clients", f"must be >= 2, got {self.min_clients}"))
         if not 0 < self.target_quantile < 1:
             out.append(("target_quantile", f"must be in (0, 1), got {self.target_quantile}"))
         if not 0 < self.clip_lr <= 10:
@@ -361,6 +368,9 @@ class AggregatorConfig:
             if 2 * sigma_b <= p.noise_multiplier:
                 out.append(("privacy.count_stddev", f"the clipped-count noise {sigma_b:g} must exceed noise_multiplier/2 "
                             f"= {p.noise_multiplier / 2:g} to split the budget (Andrew et al. 2021); raise it or lower z"))
+        if p.enabled and p.target_epsilon and not self.rounds:
+            out.append(("privacy.target_epsilon", "plans the noise for `rounds` rounds and stops there: "
+                        "set rounds > 0 (the planning horizon), or use noise_multiplier and budget instead"))
         if p.enabled and self.round.mode == "async":
             out.append(("privacy.mode", "differential privacy needs synchronous rounds ([round] mode = sync)"))
         labels = self.onnx.class_labels

@@ -66,6 +66,9 @@ PACE_WINDOW = 5
 # metrics message must stay within the codec's map limit).
 AGENT_METRIC_PREFIXES = ("eval_", "train_")
 MAX_AGENT_METRICS = 32
+# What a DP federation's metrics message publishes besides test_* (central
+# evaluation): the privacy figures and the released clip norm.
+PUBLIC_DP_METRICS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "clip")
 # Async mode remembers this many model versions beyond the accepted
 # staleness, so that an old update is reported as too_stale rather than as
 # built on an unknown base.
@@ -187,6 +190,7 @@ class Coordinator:
         self.accepted = 0
         self.finished = False
         self._journal_backlog = list(journal or [])
+        self._history_dicts: list[dict[str, Any]] = []  # asdict() of self.history, for snapshots
         self.privacy = None
         if config.privacy.enabled:
             from .privacy import PrivacyEngine
@@ -244,6 +248,13 @@ class Coordinator:
         o = self.open
         if o is None:
             return self._maybe_open(now)
+        if self.privacy is not None and (now >= o.deadline or not o.selected):
+            # DP: a drawn round is always released (noise and all), never
+            # redrawn: redrawing a short or empty draw would make the real
+            # inclusion probability higher than the q the accountant charges.
+            # An empty draw closes at the next tick rather than at once, so a
+            # run of empty draws cannot release rounds in a tight loop.
+            return self._close(now)
         if now < o.deadline:
             return []
         if len(o.received) >= self.config.round.quorum:
@@ -417,12 +428,9 @@ class Coordinator:
                 log.warning("%s; the federation ends after round %d", problem, self.round)
                 self.finished = True
                 return [self._task_done(), Finished(self.round, problem)]
-            # Poisson sampling, as the accountant assumes. An empty draw opens
-            # nothing and is redrawn at the next tick (negligible for the
-            # expected sizes DP needs: P(empty) = (1 - q)^N).
+            # Poisson sampling, as the accountant assumes. An empty draw is a
+            # round too: it releases noise only (see tick()).
             selected = self.privacy.select(candidates, q)
-            if not selected:
-                return []
             target, deadline = len(selected), now + rc.timeout
         else:
             if rc.agents_per_round:
@@ -471,16 +479,16 @@ class Coordinator:
     def _close(self, now: float) -> list[Action]:
         o = self.open
         assert o is not None
-        if self.privacy is not None and len(o.received) < self.privacy.min_updates():
-            # Distributed DP: each device added only a share of the noise; a
-            # sum of fewer than min_clients shares is under-noised. Release nothing.
-            self.rejected["too_few_for_privacy"] += 1
-            return self._abandon(now, f"{len(o.received)} updates carry less than the full DP noise")
+        # Under DP the strategy adds whatever noise the devices' shares leave
+        # missing (too few updates in distributed mode), so every drawn round
+        # can be released.
         new_params = self.strategy.result(self.params)
         if not all(np.isfinite(a).all() for a in new_params.values()):
             # Every delta was finite, yet the sum overflowed float32: publishing
             # it would make every agent reject the model and stall the fleet.
             self.rejected["non_finite_aggregate"] += 1
+            if self.privacy is not None:
+                self.privacy.charge(o.q, released=False)  # drawn, so charged (see PrivacyEngine.charge)
             return self._abandon(now, "the aggregate is not finite")
         self.params = new_params
         self.round = o.round
@@ -515,6 +523,8 @@ class Coordinator:
         )
         self.history.append(summary)
         del self.history[:-MAX_HISTORY]
+        self._history_dicts.append(asdict(summary))
+        del self._history_dicts[:-MAX_HISTORY]
         log.info("round %d closed: %d/%d updates (target %d), %s", o.round, len(o.received), len(o.selected),
                  o.target, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         actions: list[Action] = [
@@ -530,6 +540,8 @@ class Coordinator:
         return actions + (opened or [self._task_waiting(now)])
 
     def _metrics_msg(self, s: RoundSummary) -> wire.MetricsMsg:
+        if self.privacy is not None:
+            return self._private_metrics_msg(s)
         recent = [
             {"round": float(h.round), "participants": float(h.participants), "selected": float(h.selected),
              "seconds": h.seconds, **{k: v for k, v in h.metrics.items() if k.endswith("accuracy") or k.endswith("loss")}}
@@ -544,6 +556,21 @@ class Coordinator:
                      **{f"rejected_{k}": float(v) for k, v in self.rejected.items()}},
             history=recent,
         )
+
+    def _private_metrics_msg(self, s: RoundSummary) -> wire.MetricsMsg:
+        """Under DP the metrics carry only what the accounting covers or no device's data shaped.
+
+        That is the privacy figures, the (released) clip norm and the central
+        test set's evaluation. Counts of participants, dropouts, attempts
+        and rejections, and round durations depend on what individual devices
+        did and are not noised, so they stay in the aggregator's log.
+        """
+        def public(metrics: Mapping[str, float]) -> dict[str, float]:
+            return {k: v for k, v in metrics.items() if k.startswith("test_") or k in PUBLIC_DP_METRICS}
+
+        recent = [{"round": float(h.round), **public(h.metrics)} for h in self.history[-wire.MAX_METRICS_HISTORY:]]
+        return wire.MetricsMsg(fed=self.config.federation, round=s.round, version=s.version, participants=0,
+                               metrics=public(s.metrics), history=recent)
 
     # -- messages -------------------------------------------------------------
 
@@ -564,7 +591,7 @@ class Coordinator:
         o = self.open
         assert o is not None
         t = self.config.training
-        clip_norm, noise_std = self.privacy.task_noise() if self.privacy is not None else (0.0, 0.0)
+        clip_norm, noise_std, count_std = self.privacy.task_noise() if self.privacy is not None else (0.0, 0.0, 0.0)
         task = wire.TaskMsg(
             fed=self.config.federation,
             round=o.round,
@@ -575,7 +602,8 @@ class Coordinator:
             selected=o.selected,
             config=wire.TrainConfig(
                 epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu,
-                clip_norm=clip_norm, noise_std=noise_std,
+                clip_norm=clip_norm, noise_std=noise_std, count_noise_std=count_std,
+                dp_mode=self.config.privacy.mode if self.privacy is not None else "",
             ),
             # Agents not selected look again when this round should be over.
             retry_after=0.0 if self.async_mode else max(0.0, min(o.deadline - now, self._pace())),
@@ -612,7 +640,9 @@ class Coordinator:
             "recent_versions": dict(self.recent_versions),
             "async_applied": sorted(self.async_applied),
             "strategy": {"name": self.strategy.name, "state": self.strategy.state_dict()},
-            "history": [asdict(s) for s in self.history],
+            # converted once per round, not once per checkpoint: with a long
+            # history that made every checkpoint O(rounds)
+            "history": list(self._history_dicts),
             **({"privacy": self.privacy.state()} if self.privacy is not None else {}),
         }
 
@@ -630,6 +660,7 @@ class Coordinator:
         self.async_applied = set(state.get("async_applied", []))
         self.strategy.load_state_dict(state.get("strategy", {}).get("state", {}))
         self.history = [RoundSummary(**d) for d in state.get("history", [])]
+        self._history_dicts = [asdict(h) for h in self.history]
 
     def _replay(self, records: list[dict[str, Any]], now: float) -> list[Action]:
         """Re-apply the journal of the round that was open when the process stopped.

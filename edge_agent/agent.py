@@ -101,6 +101,9 @@ class AgentCore:
     reason: str = ""
     # Pinned model-signing keys: when set, only signed models and tasks count.
     verifier: Verifier | None = None
+    # Keep the local sample count out of the public retained status. Turned
+    # on by the agent's config, and by the first task that asks for DP.
+    private: bool = False
     rejected: Counter = field(default_factory=Counter, init=False)
     resent: set[tuple[int, int]] = field(default_factory=set, init=False)
     retry_after: float = field(default=0.0, init=False)
@@ -125,7 +128,7 @@ class AgentCore:
             round=self.model_msg.round if self.model_msg else 0,
             agent=self.agent_id,
             state=state,
-            num_samples=self.data.num_samples,
+            num_samples=0 if self.private else self.data.num_samples,
             capabilities=list(self.capabilities),
             software=__version__,
             eligible=self.eligible,
@@ -213,6 +216,10 @@ class AgentCore:
     def _on_task(self, msg: wire.TaskMsg) -> list[Action]:
         self.task = msg
         actions: list[Action] = []
+        if msg.config.dp_mode and not self.private:
+            # A DP federation: the dataset size is not the world's business.
+            self.private = True
+            actions.append(self.status("online"))
         for key in sorted(self.outbox):
             if msg.state != "open" or key < (msg.round, msg.attempt):
                 del self.outbox[key]  # its round is over
@@ -284,6 +291,7 @@ class AgentCore:
         )
         metrics.update(train_metrics)
         delta = subtract(local, m.params)
+        num_samples = self.data.num_samples
         if t.config.clip_norm > 0:
             # DP: bound this device's influence, and tell the aggregator
             # whether the bound bit (adaptive clipping counts these bits).
@@ -291,12 +299,21 @@ class AgentCore:
             metrics["dp_unclipped"] = 1.0 if within else 0.0
         if t.config.noise_std > 0:
             delta = dp.add_gaussian_noise(delta, t.config.noise_std)
+        if t.config.dp_mode in ("local", "distributed"):
+            # The aggregator is not trusted: send only what the privacy
+            # accounting covers. Losses, accuracies, the sample count and the
+            # raw clipping bit are not noised, so they stay on the device.
+            noised_bit = {}
+            if t.config.count_noise_std > 0:
+                noised_bit["dp_bit"] = dp.centred_bit(metrics.get("dp_unclipped") == 1.0) + float(
+                    dp.SecureRandom().normal(0.0, t.config.count_noise_std))
+            metrics, num_samples = noised_bit, 1
         update = wire.UpdateMsg(
             fed=self.fed,
             round=round_number,
             agent=self.agent_id,
             base=m.version,
-            num_samples=self.data.num_samples,
+            num_samples=num_samples,
             delta=delta,
             metrics=metrics,
         )

@@ -36,6 +36,11 @@ class AgentConfig:
     holdout: float = field(default=0.2, metadata={"help": "fraction held out to evaluate the global model"})
     seed: int = field(default=0, metadata={"help": "seed of local shuffling and the holdout split"})
     exit_when_done: bool = field(default=False, metadata={"help": "exit when the federation says it is done"})
+    hide_sample_count: bool = field(
+        default=False,
+        metadata={"help": "never publish the local sample count in the retained status "
+                          "(a DP federation's first task turns this on anyway)"},
+    )
     state_dir: str = field(
         default="fedmqtt-agent-state",
         metadata={"help": "where the outbox and the trained rounds are kept across restarts (empty: memory only)"},

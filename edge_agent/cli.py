@@ -121,7 +121,8 @@ def agent_main(argv: list[str]) -> int:
     else:
         logging.getLogger("fedmqtt.agent").warning(
             "no [security] trusted_keys: models and tasks are accepted unsigned (development only)")
-    core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed, verifier=verifier)
+    core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed, verifier=verifier,
+                     private=cfg.hide_sample_count)
     where = f"agent {cfg.agent_id} of federation {cfg.federation} on {cfg.broker.host}:{cfg.broker.port}"
 
     # systemd (Type=notify): READY=1 once the broker accepted us, STOPPING=1 on the way out.

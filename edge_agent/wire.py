@@ -61,6 +61,10 @@ ALLOWED_DTYPES = frozenset(
 KINDS = ("model", "task", "update", "status", "metrics", "keys")
 TASK_STATES = ("open", "waiting", "done")
 TASK_MODES = ("sync", "async")
+# task.config.dp_mode: "" no DP; "central": the (trusted) aggregator adds the
+# noise; "local"/"distributed": the device noises its update and sends
+# nothing the privacy accounting does not cover.
+DP_MODES = ("", "central", "local", "distributed")
 # Signing keys one keys message may announce (the current one and a few next).
 MAX_SIGNING_KEYS = 8
 # Round summaries a metrics message may carry (the recent history that
@@ -106,6 +110,13 @@ class TrainConfig:
     # distributed DP modes).
     clip_norm: float = 0.0
     noise_std: float = 0.0
+    # Who adds the DP noise (DP_MODES). In "local" and "distributed" modes the
+    # aggregator is not trusted: the device sends only its noised update,
+    # num_samples = 1 and, with adaptive clipping, the metric ``dp_bit``: its
+    # centred clipping bit (+1/2 within the clip norm, -1/2 not) plus
+    # Gaussian noise of std count_noise_std.
+    dp_mode: str = ""
+    count_noise_std: float = 0.0
 
 
 @dataclass
@@ -329,6 +340,8 @@ def encode(msg: Message) -> bytes:
                 "prox_mu": float(msg.config.prox_mu),
                 "clip_norm": float(msg.config.clip_norm),
                 "noise_std": float(msg.config.noise_std),
+                **({"dp_mode": msg.config.dp_mode, "count_noise_std": float(msg.config.count_noise_std)}
+                   if msg.config.dp_mode else {}),
             },
             "retry_after": float(msg.retry_after),
             "mode": msg.mode,
@@ -466,7 +479,11 @@ def decode(
             prox_mu=c.nonneg_float("prox_mu") if "prox_mu" in cfg else 0.0,
             clip_norm=c.nonneg_float("clip_norm") if "clip_norm" in cfg else 0.0,
             noise_std=c.nonneg_float("noise_std") if "noise_std" in cfg else 0.0,
+            dp_mode=c.optional("dp_mode", str, ""),
+            count_noise_std=c.nonneg_float("count_noise_std") if "count_noise_std" in cfg else 0.0,
         )
+        if config.dp_mode not in DP_MODES:
+            raise WireError("bad_field", f"task.config.dp_mode must be one of {DP_MODES}, got {config.dp_mode!r}")
         mode = r.optional("mode", str, "sync")
         if mode not in TASK_MODES:
             raise WireError("bad_field", f"task.mode must be one of {TASK_MODES}, got {mode!r}")

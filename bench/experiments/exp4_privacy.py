@@ -26,8 +26,8 @@ is always ``--data-seed``).
 The noise. The library draws DP noise from OS entropy on purpose (noise that
 can be reproduced protects nothing). To make this experiment reproducible,
 this script — and only this script — replaces those generators by seeded
-ones, per run: the aggregator's ``PrivacyEngine.noise_rng`` and the agents'
-``edge_agent.dp.add_gaussian_noise`` default generator. The distribution is
+ones, per run: the aggregator's ``PrivacyEngine.noise`` and ``.sampler`` and
+the agents' ``edge_agent.dp.add_gaussian_noise`` default source. The distribution is
 the same. ``--os-noise`` keeps the production generators (then runs differ).
 The seeding, and the recording of the coordinator's round summaries (ε and
 the clip norm per round, which the harness's RoundRecord does not carry), go
@@ -85,6 +85,7 @@ NAME = "exp4_privacy"
 # Streams of the seeded DP noise (only with seeded noise, see the module doc).
 CENTRAL_NOISE_STREAM = 0xD9
 LOCAL_NOISE_STREAM = 0x10C
+SELECTION_STREAM = 0x5E1  # the Poisson draw has its own source, as in production
 
 
 @dataclass(frozen=True)
@@ -182,13 +183,14 @@ def run_one(s: Setup, arm: Arm, seed: int) -> dict[str, Any]:
             super().__init__(*a, **kw)
             coords.append(self)
             if s.seeded_noise and self.privacy is not None:
-                self.privacy.noise_rng = np.random.default_rng([seed, CENTRAL_NOISE_STREAM])
+                self.privacy.noise = np.random.default_rng([seed, CENTRAL_NOISE_STREAM])
+                self.privacy.sampler = np.random.default_rng([seed, SELECTION_STREAM])
 
     real_coordinator, real_noise = H.Coordinator, dp.add_gaussian_noise
     local_rng = np.random.default_rng([seed, LOCAL_NOISE_STREAM])
 
-    def seeded_noise(delta, std, rng=None):
-        return real_noise(delta, std, rng if rng is not None else local_rng)
+    def seeded_noise(delta, std, source=None):
+        return real_noise(delta, std, source if source is not None else local_rng)
 
     H.Coordinator = RecordingCoordinator
     if s.seeded_noise:
