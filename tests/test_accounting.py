@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import dp_accounting as dpa
 import pytest
@@ -333,3 +334,35 @@ def test_table_rounds():
     assert table_rounds(100) == [10, 25, 50, 100]
     assert table_rounds(1) == [1]
     assert table_rounds(4) == [1, 2, 4]
+
+
+def test_privacy_cli_plans_adaptive_clipping_as_dp_accounting_composes_sum_and_count(capsys):
+    # the sum (std z_sum S, sensitivity S) and the centred count (std sigma_b, sensitivity 1/2) on one sample
+    argv = ["--population", "1000", "--per-round", "40", "--rounds", "100", "--noise", "1.0", "--adaptive-clip"]
+    assert privacy_main(argv) == 0
+    out = capsys.readouterr().out
+    eps = float(re.search(r"epsilon after 100 rounds = ([0-9.]+)", out).group(1))
+    z_sum = float(re.search(r"z_sum = ([0-9.]+)", out).group(1))
+    sigma_b = float(re.search(r"sigma_b = ([0-9.]+)", out).group(1))
+    assert sigma_b == 2.0  # per-round / 20
+    acc = dpa.rdp.RdpAccountant()
+    inner = dpa.ComposedDpEvent([dpa.GaussianDpEvent(z_sum), dpa.GaussianDpEvent(sigma_b / 0.5)])
+    acc.compose(dpa.PoissonSampledDpEvent(0.04, inner), 100)
+    assert eps == pytest.approx(acc.get_epsilon(1e-5), abs=2e-3)  # printed with 3 decimals, z_sum with 4 digits
+
+
+def test_privacy_cli_plans_distributed_shares(capsys):
+    argv = ["--population", "1000", "--per-round", "100", "--rounds", "100", "--noise", "1.0",
+            "--mode", "distributed", "--min-clients", "5", "--clip", "2"]
+    assert privacy_main(argv) == 0
+    out = capsys.readouterr().out
+    share = float(re.search(r"every device adds std ([0-9.]+)", out).group(1))
+    # the other min_clients - 1 shares protect one device: dp-accounting's epsilon for that noise is the printed one
+    protecting = math.sqrt(5 - 1) * share / 2.0  # as a multiple of the clip norm
+    eps = float(re.search(r"epsilon after 100 rounds = ([0-9.]+)", out).group(1))
+    acc = dpa.rdp.RdpAccountant()
+    acc.compose(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(protecting)), 100)
+    assert eps == pytest.approx(acc.get_epsilon(1e-5), abs=2e-3)
+    with pytest.raises(SystemExit) as exc:
+        privacy_main(argv[:-4] + ["--min-clients", "1"])
+    assert exc.value.code == 2 and "--min-clients" in capsys.readouterr().err
