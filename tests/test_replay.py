@@ -7,6 +7,9 @@ the newest they accepted, and keep that across restarts.
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from aggregator import checkpoint
@@ -15,8 +18,14 @@ from aggregator.coordinator import Coordinator, SaveCheckpoint, run_id
 from aggregator.service import AggregatorService
 from aggregator.strategies import FedAvg
 from edge_agent import wire
-from edge_agent.mqtt import Loop
+from edge_agent.agent import AgentCore, AgentRunner, DropOutbox, SaveAccepted, SaveTrained, Train, task_key
+from edge_agent.agent_store import ACCEPTED_FILE, AgentStore
+from edge_agent.config import BrokerConfig
+from edge_agent.data import LocalData
+from edge_agent.mqtt import Loop, Publish
 
+from . import test_agent
+from .test_agent import trains
 from .test_coordinator import T, config, published, started, status, update
 
 RUN = 1_700_000_000_000
@@ -120,3 +129,195 @@ def test_the_service_takes_the_run_from_its_clock_and_a_reset_federation_gets_a_
     (tmp_path / "state" / checkpoint.CHECKPOINT_NAME).unlink()
     assert service(1_700_000_200.0).coordinator.run == 1_700_000_200_000
 
+
+
+# -- the agent: what it accepts, in which order ---------------------------------------
+
+
+def _model(round_: int, run: int = RUN) -> tuple[str, bytes]:
+    return test_agent.model_msg(round_=round_, run=run)[:2]
+
+
+def _task(round_: int, state: str = "open", attempt: int = 0, run: int = RUN) -> tuple[str, bytes]:
+    m = test_agent.model_msg(round_=round_ - 1 if state != "done" else round_, run=run)[2]
+    return test_agent.task_msg(m, attempt=attempt, state=state, round_=round_)
+
+
+def _newest(c: AgentCore) -> tuple:
+    return (c.model_msg.run, c.model_msg.round) if c.model_msg else None, c.task and task_key(c.task)
+
+
+def test_a_replayed_older_model_is_refused_and_counted():
+    c = test_agent.core()
+    c.receive(*_model(3))
+    c.receive(*_model(5))
+    before = _newest(c)
+    assert c.receive(*_model(3)) == []
+    assert c.rejected == {"replayed": 1} and _newest(c) == before and c.accepted_model == (RUN, 5)
+
+
+def test_a_replayed_old_done_task_is_refused_and_the_agent_goes_on():
+    c = test_agent.core()
+    c.receive(*_model(5))
+    c.receive(*_task(6))
+    assert c.receive(*_task(2, state="done")) == []  # the end of round 2, long ago
+    assert c.rejected == {"replayed": 1} and not c.finished and c.task.state == "open"
+    # a done task of an earlier run of the federation, however late its round
+    assert c.receive(*_task(50, state="done", run=RUN - 1)) == []
+    assert c.rejected == {"replayed": 2} and not c.finished
+
+
+def test_an_equal_key_is_accepted_the_same_retained_message_again():
+    c = test_agent.core()
+    model, task = _model(5), _task(6)
+    assert c.receive(*model) == [SaveAccepted((RUN, 5), None)]
+    c.receive(*task)
+    # again (a redelivery, or republished by a restarted aggregator): accepted, nothing to save
+    assert not any(isinstance(a, SaveAccepted) for a in c.receive(*model) + c.receive(*task))
+    assert not c.rejected and _newest(c) == ((RUN, 5), (RUN, 6, 0, 1))
+
+
+def test_a_larger_run_is_a_reset_federation_followed_and_the_old_run_forgotten():
+    c = test_agent.core()
+    c.receive(*_model(20))
+    c.receive(*_task(20, state="done"))
+    assert c.finished
+    c.trained |= {(19, 0), (20, 0)}
+    c.outbox[(20, 0)] = b"old"
+    topic, payload, m = test_agent.model_msg(round_=0, run=RUN + 1)
+    actions = c.receive(topic, payload)
+    assert actions == [SaveTrained(set()), DropOutbox((20, 0)), SaveAccepted((RUN + 1, 0), (RUN, 21, 0, 0))]
+    assert c.trained == set() and c.outbox == {} and not c.finished
+    assert c.task is None  # the old run's task never meets the new run's model
+    assert trains(c.receive(*test_agent.task_msg(m))) == [Train(1, 0)]
+    # the old run is over: its messages are replays now
+    assert c.receive(*_model(20)) == [] and c.receive(*_task(20, state="done")) == []
+    assert c.rejected == {"replayed": 2} and not c.finished
+
+
+def test_the_new_run_may_announce_itself_by_its_task_first():
+    # MQTT orders messages within a topic only: the reset federation's task can come first
+    c = test_agent.core()
+    c.receive(*_model(7))
+    c.trained.add((7, 0))
+    topic, payload, m = test_agent.model_msg(round_=0, run=RUN + 1)
+    actions = c.receive(*test_agent.task_msg(m))
+    assert SaveTrained(set()) in actions and c.model_msg is None
+    assert c.receive(*_model(7)) == [] and c.rejected == {"replayed": 1}  # the old run's model, late
+    assert trains(c.receive(topic, payload)) == [Train(1, 0)]
+
+
+def test_the_order_the_aggregator_publishes_is_accepted_step_by_step():
+    c = test_agent.core()
+    steps = [
+        _model(0), _task(1, "waiting"), _task(1, "open"),
+        _task(1, "waiting", attempt=1), _task(1, "open", attempt=1),  # abandoned, re-run
+        _task(1, "open", attempt=2),  # abandoned again, re-opened at once
+        _model(1), _task(2, "open"), _model(2),
+        _task(2, "done"),  # rounds done
+        _task(3, "waiting"), _task(3, "open"),  # continued with more rounds
+        _task(3, "waiting", attempt=1), _task(2, "done", attempt=1),  # privacy budget spent after an abandon
+        _task(3, "waiting", attempt=1),  # continued with a larger budget
+    ]
+    for i, msg in enumerate(steps):
+        c.receive(*msg)
+        assert not c.rejected, (i, c.rejected)
+    # every step that is not the current one is a replay now
+    for msg in steps[:-1]:
+        c.receive(*msg)
+    # equal to what it holds: the model of round 2, the waiting task (3, 1) and
+    # the done task just before it (a done task ranks with the next waiting one)
+    assert c.rejected["replayed"] == len(steps) - 1 - 3
+
+
+def test_a_task_behind_the_model_and_a_model_behind_the_task_are_replays():
+    # a new device (nothing remembered) meets a replayed retained message beside a current one
+    c = test_agent.core()
+    c.receive(*_model(5))
+    assert c.receive(*_task(2, state="done")) == [] and not c.finished
+    assert c.receive(*_task(5, "open")) == []  # round 5 is closed: model 5 came out of it
+    d = test_agent.core()
+    d.receive(*_task(6, "open"))
+    assert d.receive(*_model(3)) == [] and d.model_msg is None
+    assert c.rejected == {"replayed": 2} and d.rejected == {"replayed": 1}
+    d.receive(*_model(5))
+    assert d.model_msg.round == 5 and d.rejected == {"replayed": 1}
+
+
+def test_run_zero_is_an_older_aggregator_ordered_like_any_run():
+    c = test_agent.core()
+    c.receive(*_model(5, run=0))
+    assert c.receive(*_model(3, run=0)) == [] and c.rejected == {"replayed": 1}
+    c.trained.add((5, 0))
+    actions = c.receive(*_model(5, run=RUN))  # the aggregator was upgraded: a run id appears
+    assert SaveTrained(set()) in actions and c.model_msg.run == RUN
+    assert c.receive(*_model(9, run=0)) == [] and c.rejected == {"replayed": 2}  # a capture from before
+
+
+def test_the_real_aggregator_sequence_is_accepted_and_every_older_step_refused():
+    """Drive the real coordinator through waits, an abandonment, closes, done and a continuation."""
+    cfg = config(min_agents=1, rounds=2, timeout=10.0)
+    spec = cfg.model.spec()
+    X = np.zeros((4, spec.n_features), np.float32)
+    agent = AgentCore("watcher", cfg.federation, LocalData(X, np.zeros(4), X[:0], np.zeros(0)))
+    sent: list[tuple[str, bytes]] = []
+
+    def deliver(actions) -> list:
+        for p in published(actions, T.model) + published(actions, T.task):
+            sent.append((p.topic, p.payload))
+        for a in actions:
+            if isinstance(a, Publish) and a.topic in (T.model, T.task):
+                agent.receive(a.topic, a.payload)
+        return actions
+
+    c = Coordinator(cfg, FedAvg(), run=RUN)
+    deliver(c.start(0.0))  # model 0, waiting (1, 0)
+    deliver(c.receive(*status("a0"), now=1.0))  # open (1, 0)
+    deliver(c.receive(*status("a0", state="offline"), now=2.0))
+    deliver(c.tick(20.0))  # abandoned: waiting (1, 1)
+    deliver(c.receive(*status("a0"), now=21.0))  # open (1, 1)
+    deliver(c.receive(*update(c, "a0", [1, 1]), now=22.0))  # model 1, open (2, 0)
+    ck = next(a for a in deliver(c.receive(*update(c, "a0", [2, 2]), now=23.0))
+              if isinstance(a, SaveCheckpoint)).state  # model 2, done
+    assert agent.finished
+    # the operator continues the same run with more rounds
+    more = Coordinator(config(min_agents=1, rounds=3, timeout=10.0), FedAvg(), state=ck, run=RUN + 99)
+    deliver(more.start(30.0))  # model 2 again, waiting (3, 0)
+    deliver(more.receive(*status("a0"), now=31.0))  # open (3, 0)
+    states = [(wire.decode(p).state if t == T.task else "model") for t, p in sent]
+    assert states == ["model", "waiting", "open", "waiting", "open", "model", "open", "model", "done",
+                      "model", "waiting", "open"]
+    assert not agent.rejected and agent.task.state == "open" and agent.task.round == 3
+    for msg in sent:
+        agent.receive(*msg)
+    # refused: everything but the current task and the models of round 2 (equal keys)
+    assert agent.rejected == {"replayed": len(sent) - 3}
+
+
+# -- across restarts --------------------------------------------------------------
+
+
+def test_the_newest_keys_survive_a_restart_of_the_agent(tmp_path):
+    store = AgentStore(tmp_path)
+    first = AgentRunner(Loop(), test_agent.core(), BrokerConfig(), store=store)
+    for msg in (_model(3), _task(4), _model(5), _task(6)):
+        first._execute(first.core.receive(*msg))
+    assert store.load_accepted() == ((RUN, 5), (RUN, 6, 0, 1))
+    assert json.loads((tmp_path / ACCEPTED_FILE).read_text()) == {"model": [RUN, 5], "task": [RUN, 6, 0, 1]}
+
+    second = AgentRunner(Loop(), test_agent.core(), BrokerConfig(), store=AgentStore(tmp_path))
+    c = second.core
+    assert (c.accepted_model, c.accepted_task) == ((RUN, 5), (RUN, 6, 0, 1))
+    # a broker holding replayed messages as its retained ones: refused after the restart too
+    assert c.receive(*_model(3)) == [] and c.receive(*_task(2, state="done")) == []
+    assert c.rejected == {"replayed": 2} and c.model_msg is None and not c.finished
+    second._execute(c.receive(*_model(5)))
+    assert c.model_msg.round == 5
+
+
+def test_an_unreadable_accepted_file_is_logged_and_ignored(tmp_path, caplog):
+    (tmp_path / ACCEPTED_FILE).write_text('{"model": [1, "x"], "task": null}')
+    assert AgentStore(tmp_path).load_accepted() == (None, None)
+    assert "unreadable" in caplog.text
+    (tmp_path / ACCEPTED_FILE).write_text('{"model": null, "task": null}')
+    assert AgentStore(tmp_path).load_accepted() == (None, None)
