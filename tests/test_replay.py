@@ -8,13 +8,17 @@ the newest they accepted, and keep that across restarts.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from aggregator import checkpoint
-from aggregator.config import AggregatorConfig, ModelConfig, OnnxConfig
+from aggregator.config import AggregatorConfig, ModelConfig, OnnxConfig, RoundConfig, SecurityConfig, TrainingConfig
 from aggregator.coordinator import Coordinator, SaveCheckpoint, run_id
+from aggregator.datasets import federated_digits
 from aggregator.service import AggregatorService
 from aggregator.strategies import FedAvg
 from edge_agent import wire
@@ -23,10 +27,14 @@ from edge_agent.agent_store import ACCEPTED_FILE, AgentStore
 from edge_agent.config import BrokerConfig
 from edge_agent.data import LocalData
 from edge_agent.mqtt import Loop, Publish
+from edge_agent.signing import Verifier
+from edge_agent.topics import Topics
 
 from . import test_agent
+from .conftest import WAIT_S, RawClient
 from .test_agent import trains
 from .test_coordinator import T, config, published, started, status, update
+from .test_security import make_key
 
 RUN = 1_700_000_000_000
 
@@ -321,3 +329,136 @@ def test_an_unreadable_accepted_file_is_logged_and_ignored(tmp_path, caplog):
     assert "unreadable" in caplog.text
     (tmp_path / ACCEPTED_FILE).write_text('{"model": null, "task": null}')
     assert AgentStore(tmp_path).load_accepted() == (None, None)
+
+
+# -- signed replays over a real broker ------------------------------------------------
+
+
+def _wait(cond, what: str, timeout: float = WAIT_S) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _republish(client: RawClient, topic: str, payload: bytes, props: dict[str, str]) -> None:
+    """Publish a captured message again, retained, with its signature (MQTT v5 user properties)."""
+    p = Properties(PacketTypes.PUBLISH)
+    p.UserProperty = list(props.items())
+    client.client.publish(topic, payload, qos=1, retain=True, properties=p).wait_for_publish(WAIT_S)
+
+
+@pytest.mark.broker
+def test_signed_replays_over_a_real_broker_are_refused_also_after_a_restart(
+    fed, broker, broker_config, tmp_path, start_aggregator
+):
+    key_file = tmp_path / "signing.pem"
+    pub = make_key(key_file)
+    t = Topics(fed)
+    zero = {"W0": np.zeros((64, 10), np.float32), "b0": np.zeros(10, np.float32)}
+
+    def aggregator(name: str, rounds: int, min_agents: int):
+        # quorum = min_agents and a long timeout: an attempt that lacks an update stays open
+        return start_aggregator(AggregatorConfig(
+            federation=fed, rounds=rounds, state_dir=str(tmp_path / name),
+            model=ModelConfig(kind="softmax", n_features=64, n_outputs=10),
+            training=TrainingConfig(epochs=1, batch_size=16, lr=0.1),
+            round=RoundConfig(min_agents=min_agents, quorum=min_agents, timeout=10 * WAIT_S),
+            security=SecurityConfig(signing_key=str(key_file)), onnx=OnnxConfig(every=0), broker=broker_config,
+        ))
+
+    data = federated_digits(2, "iid", 0.5, 0).agents[0]
+
+    def pinned_agent() -> tuple[AgentRunner, Loop]:
+        loop = Loop()
+        runner = AgentRunner(loop, AgentCore("pinned", fed, data, verifier=Verifier([pub])), broker_config,
+                             store=AgentStore(tmp_path / "agent-state"))
+        runner.start()
+        loop.start()
+        return runner, loop
+
+    # Everything the aggregator publishes on model and task, signatures included.
+    captured: list[tuple[str, bytes, dict[str, str]]] = []
+    watcher = RawClient(broker)
+    watcher.client.on_message = lambda c, u, m: captured.append(
+        (m.topic, m.payload, dict(getattr(m.properties, "UserProperty", None) or [])))
+    watcher.subscribe(t.model)
+    watcher.subscribe(t.task)
+    helper = attacker = None
+    loops: list[Loop] = []
+    try:
+        # Run A: two rounds, done.
+        run_a = aggregator("state-a", rounds=2, min_agents=1)
+        runner, loop = pinned_agent()
+        loops.append(loop)
+        run_a.wait_finished()
+        _wait(lambda: runner.core.finished, "the agent to see run A's done task")
+        run_a.stop()
+        # Run B: the federation reset (a new state directory: a larger run id).
+        # A scripted second device answers rounds 1 to 5 only, so round 6 stays open.
+        helper = RawClient(broker, "helper")
+        helper.subscribe(t.task)
+        helper.publish(t.status("helper"), wire.encode(wire.StatusMsg(fed, 0, "helper", "online", 1, ["softmax"])),
+                       retain=True)
+        run_b = aggregator("state-b", rounds=0, min_agents=2)
+        assert run_b.coordinator.run > run_a.coordinator.run
+        for r in range(1, 6):
+            task = helper.wait_for_open_task(t.task, r - 1)
+            helper.publish(t.update("helper"), wire.encode(wire.UpdateMsg(fed, task.round, "helper", task.base, 1,
+                                                                          zero, {})))
+        _wait(lambda: run_b.coordinator.round == 5 and run_b.coordinator.open is not None
+              and run_b.coordinator.open.received == {"pinned"}, "round 6 to hold the agent's update")
+        c = runner.core
+        _wait(lambda: c.model_msg is not None and c.model_msg.round == 5, "the agent to hold model 5")
+        assert (c.model_msg.run, c.task.state, c.task.round) == (run_b.coordinator.run, "open", 6)
+        assert not c.finished and not c.rejected  # run B was followed: the trained rounds of run A forgotten
+
+        def find(topic: str, run: int, round_: int, state: str | None = None):
+            for top, payload, props in captured:
+                if top == topic:
+                    msg = wire.decode(payload)
+                    if (msg.run, msg.round) == (run, round_) and state in (None, getattr(msg, "state", None)):
+                        Verifier([pub]).verify(top, payload, props)  # validly signed: only the order refuses it
+                        return payload, props
+            raise AssertionError(f"no {topic} of run {run} round {round_} captured")
+
+        old_model = find(t.model, run_b.coordinator.run, 3)
+        old_done = find(t.task, run_a.coordinator.run, 2, "done")
+
+        # The replays, retained: the broker now hands them to whoever subscribes.
+        attacker = RawClient(broker, "replayer")
+        _republish(attacker, t.model, *old_model)
+        _republish(attacker, t.task, *old_done)
+        _wait(lambda: c.rejected["replayed"] >= 2, "the agent to refuse both replays")
+        time.sleep(0.2)  # nothing else may follow
+        assert c.rejected == {"replayed": 2}
+        assert (c.model_msg.run, c.model_msg.round) == (run_b.coordinator.run, 5)
+        assert (c.task.state, c.task.round) == ("open", 6) and not c.finished
+
+        # The agent restarts from its state directory and meets the replays as retained messages.
+        loop.stop()
+        loop.thread.join(10)
+        runner, loop = pinned_agent()
+        loops.append(loop)
+        c = runner.core
+        assert c.accepted_model == (run_b.coordinator.run, 5)
+        _wait(lambda: c.rejected["replayed"] >= 2, "the restarted agent to refuse both replays")
+        time.sleep(0.2)
+        assert c.rejected == {"replayed": 2} and c.model_msg is None and c.task is None and not c.finished
+
+        # Not locked out: when round 6 closes, the new model and task are taken.
+        helper.publish(t.update("helper"), wire.encode(wire.UpdateMsg(fed, 6, "helper", run_b.coordinator.version,
+                                                                      1, zero, {})))
+        _wait(lambda: c.model_msg is not None and c.model_msg.round == 6 and c.task is not None
+              and c.task.round == 7, "the restarted agent to follow round 7")
+        assert c.rejected == {"replayed": 2}
+    finally:
+        for lp in loops:
+            lp.stop()
+        if helper is not None:
+            helper.publish(t.status("helper"), b"", retain=True)
+            helper.close()
+        if attacker is not None:
+            attacker.close()
+        watcher.close()
