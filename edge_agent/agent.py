@@ -134,14 +134,14 @@ class AgentCore:
     task: wire.TaskMsg | None = field(default=None, init=False)
     trained: set[tuple[int, int]] = field(default_factory=set)
     outbox: dict[tuple[int, int], bytes] = field(default_factory=dict)
-    eligible: bool = True
-    reason: str = ""
-    # Pinned model-signing keys: when set, only signed models and tasks count.
-    verifier: Verifier | None = None
     # The newest model and task accepted (loaded from and saved to the store):
     # anything older is a replay, signed or not.
     accepted_model: ModelKey | None = None
     accepted_task: TaskKey | None = None
+    eligible: bool = True
+    reason: str = ""
+    # Pinned model-signing keys: when set, only signed models and tasks count.
+    verifier: Verifier | None = None
     rejected: Counter = field(default_factory=Counter, init=False)
     resent: set[tuple[int, int]] = field(default_factory=set, init=False)
     retry_after: float = field(default=0.0, init=False)
@@ -306,8 +306,9 @@ class AgentCore:
         why = self._replayed(order, "task")
         if why:
             return self._reject("replayed", why)
-        actions = self._accept(order, "task")
+        accepted = self._accept(order, "task")  # persisted before anything the task leads to
         self.task = msg
+        actions: list[Action] = []
         for key in sorted(self.outbox):
             if msg.state != "open" or key < (msg.round, msg.attempt):
                 del self.outbox[key]  # its round is over
@@ -316,12 +317,12 @@ class AgentCore:
             if not self.finished:
                 self.finished = True
                 actions.append(Done(msg.round))
-            return actions
+            return accepted + actions
         if msg.state == "open" and self.agent_id not in msg.selected and msg.retry_after > 0:
             self.retry_after = msg.retry_after  # pace steering: when to look again
             log.debug("%s: not selected in round %d; next round expected in ~%.0fs",
                       self.agent_id, msg.round, msg.retry_after)
-        return actions + self._resend() + self._maybe_train()
+        return accepted + actions + self._resend() + self._maybe_train()
 
     def _resend(self) -> list[Action]:
         """The outbox entry of the open task, once per connection (the aggregator drops a second copy)."""
