@@ -97,7 +97,6 @@ class AgentStore:
         (self.dir / "outbox" / f"r{key[0]}-a{key[1]}.msgpack").unlink(missing_ok=True)
 
 
-
 def _key(value: object, length: int) -> tuple[int, ...] | None:
     if value is None:
         return None
