@@ -73,6 +73,19 @@ PUBLIC_DP_METRICS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "c
 # staleness, so that an old update is reported as too_stale rather than as
 # built on an unknown base.
 EXTRA_VERSIONS = 10
+# The run id of a coordinator built without one (tests, in-process
+# experiments: no agent there ever sees two runs). 0 would mean "a sender
+# that predates run ids" on the wire.
+DEFAULT_RUN = 1
+
+
+def run_id(now: float) -> int:
+    """The run id of a federation state created at ``now`` (Unix seconds): its milliseconds.
+
+    Agents refuse a model or task of a lower run than one they accepted
+    (replay protection), so a federation reset later gets a larger id.
+    """
+    return int(now * 1000)
 
 
 @dataclass
@@ -172,7 +185,12 @@ class Coordinator:
         evaluate: Evaluator | None = None,
         state: Mapping[str, Any] | None = None,
         journal: list[dict[str, Any]] | None = None,
+        run: int = DEFAULT_RUN,
     ) -> None:
+        """``run``: the run id a fresh state (or a checkpoint older than run ids) takes;
+        the adapter passes :func:`run_id` of its clock, a checkpoint keeps it."""
+        if not 0 < run <= wire.MAX_RUN:
+            raise ValueError(f"run id {run} out of range 1..{wire.MAX_RUN}")
         self.config = config
         self.strategy = strategy
         self.evaluate = evaluate
@@ -197,7 +215,12 @@ class Coordinator:
 
             self.privacy = PrivacyEngine(config, (state or {}).get("privacy"))
             self.strategy = self.privacy.wrap(strategy)
+        self.run = run
+        # A run id that no checkpoint holds yet: start() saves it before any
+        # message carries it.
+        self._run_unsaved = state is None or "run" not in state
         if state is None:
+            log.info("federation %s: new run %d", config.federation, run)
             self.round = 0
             self.params: Params = Model(self.spec).init_params(config.model.seed)
             self.rng = np.random.default_rng(config.round.seed)
@@ -213,7 +236,16 @@ class Coordinator:
 
     def start(self, now: float) -> list[Action]:
         """Announce the current model, resume a journaled round, or open one if agents are there."""
-        actions: list[Action] = [self.model_publish()]
+        actions: list[Action] = []
+        if self._run_unsaved and not self._journal_backlog:
+            # Agents refuse a lower run than one they accepted: the run id must
+            # survive a restart (a new one would look like a reset federation),
+            # so it is checkpointed before a model or task carries it. (With a
+            # journal to replay, resetting it would lose the journaled updates;
+            # the next close checkpoints the run id instead.)
+            self._run_unsaved = False
+            actions.append(SaveCheckpoint(self.snapshot()))
+        actions.append(self.model_publish())
         if self._rounds_done():
             self.finished = True
             return actions + [self._task_done(), Finished(self.round)]
@@ -577,7 +609,8 @@ class Coordinator:
     def model_publish(self) -> Publish:
         """The retained ``model`` message of the current global model."""
         msg = wire.ModelMsg(
-            fed=self.config.federation, round=self.round, version=self.version, spec=self.spec, params=self.params
+            fed=self.config.federation, round=self.round, version=self.version, spec=self.spec, params=self.params,
+            run=self.run,
         )
         return Publish(self.topics.model, wire.encode(msg), qos=1, retain=True)
 
@@ -608,20 +641,24 @@ class Coordinator:
             # Agents not selected look again when this round should be over.
             retry_after=0.0 if self.async_mode else max(0.0, min(o.deadline - now, self._pace())),
             mode=self.config.round.mode,
+            run=self.run,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
 
     def _task_waiting(self, now: float) -> Publish:
         task = wire.TaskMsg(
             fed=self.config.federation, round=self.round + 1, base=self.version, state="waiting",
-            attempt=self.attempt, selected=[], retry_after=self._pace(), mode=self.config.round.mode,
+            attempt=self.attempt, selected=[], retry_after=self._pace(), mode=self.config.round.mode, run=self.run,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
 
     def _task_done(self) -> Publish:
+        # The attempt is the one that would open next: agents order a done
+        # task where the next waiting task would stand, so a federation
+        # continued after it (more rounds, a larger privacy budget) is followed.
         task = wire.TaskMsg(
             fed=self.config.federation, round=self.round, base=self.version, state="done", selected=[],
-            mode=self.config.round.mode,
+            attempt=self.attempt, mode=self.config.round.mode, run=self.run,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
 
@@ -631,6 +668,7 @@ class Coordinator:
         """Everything needed to resume after the last closed round."""
         return {
             "federation": self.config.federation,
+            "run": self.run,
             "round": self.round,
             "version": self.version,
             "spec": self.spec.to_wire(),
@@ -651,6 +689,10 @@ class Coordinator:
             raise ValueError(f"checkpoint is of federation {state['federation']!r}, config says {self.config.federation!r}")
         if state["spec"] != self.spec.to_wire():
             raise ValueError(f"checkpoint holds model {state['spec']}, config says {self.spec.to_wire()}")
+        if "run" in state:
+            self.run = int(state["run"])
+        else:
+            log.info("checkpoint predates run ids: federation %s continues as run %d", self.config.federation, self.run)
         self.round = int(state["round"])
         self.params = {k: np.asarray(v, dtype=np.float32) for k, v in state["params"].items()}
         self.rng = np.random.default_rng()

@@ -33,6 +33,7 @@ from .coordinator import (
     RoundAbandoned,
     RoundClosed,
     SaveCheckpoint,
+    run_id,
 )
 from .strategies import make_strategy
 
@@ -70,7 +71,10 @@ class AggregatorService:
             log.info("resuming from %s at round %d", Path(config.state_dir) / checkpoint.CHECKPOINT_NAME, state["round"])
         self.journal = JournalFile(config.state_dir)
         records = self.journal.load()
-        self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state, records)
+        # A fresh state takes a run id from the wall clock: a federation reset
+        # later gets a larger one, which is how agents tell it from a replay.
+        self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state, records,
+                                       run=run_id(clock()))
         self.onnx = OnnxPublisher(config) if config.onnx.every else None
         # Everything agents act on is signed when a key is configured.
         self.signer = Signer(config.security.signing_key) if config.security.signing_key else None

@@ -105,7 +105,8 @@ def child_agent(data_path: str, kind: str, rounds: int) -> None:
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
         version = wire.params_version(params)
-        model_payload = wire.encode(wire.ModelMsg(FED, rnd, version, spec, params))
+        # the model of round rnd - 1 is what round rnd trains on (agents refuse a task behind their model)
+        model_payload = wire.encode(wire.ModelMsg(FED, rnd - 1, version, spec, params))
         task_payload = wire.encode(wire.TaskMsg(FED, rnd, version, selected=[AGENT_ID], config=config))
         actions = core.receive(topics.model, model_payload) + core.receive(topics.task, task_payload)
         if [a for a in actions if isinstance(a, Train)] != [Train(rnd)]:

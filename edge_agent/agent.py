@@ -27,6 +27,33 @@ from .training import round_seed, train_local
 
 log = logging.getLogger(__name__)
 
+# Replay protection (docs/PROTOCOL.md §4.2, *Replays*): where a model or task
+# stands in the sequence the aggregator publishes. Tuples compare in order,
+# the federation run first, so a reset federation (a larger run) is ahead of
+# everything its predecessor published.
+ModelKey = tuple[int, int]  # (run, round)
+TaskKey = tuple[int, int, int, int]  # (run, round the task is for, attempt, stage)
+# For one (round, attempt) the aggregator publishes waiting, then open. A done
+# task stands where the next waiting task would: it follows that waiting task
+# when the privacy budget ends the run, and precedes it when a finished
+# federation is continued (more rounds, a larger budget), so it ranks equal.
+_TASK_STAGE = {"waiting": 0, "open": 1, "done": 0}
+
+
+def model_key(msg: wire.ModelMsg) -> ModelKey:
+    return (msg.run, msg.round)
+
+
+def task_key(msg: wire.TaskMsg) -> TaskKey:
+    """The task's place: a done task's ``round`` is the final model round, the others' the next round."""
+    rnd = msg.round + 1 if msg.state == "done" else msg.round
+    return (msg.run, rnd, msg.attempt, _TASK_STAGE[msg.state])
+
+
+def _reach(key: ModelKey | TaskKey, kind: str) -> tuple[int, int]:
+    """(run, round) a model or task shows the federation has reached: round m's model precedes round m+1's tasks."""
+    return (key[0], key[1] + 1) if kind == "model" else (key[0], key[1])
+
 
 @dataclass
 class Train:
@@ -72,7 +99,15 @@ class DropOutbox:
     key: tuple[int, int]
 
 
-Action = Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox | SaveTrustedKeys
+@dataclass
+class SaveAccepted:
+    """Action: persist the newest model and task accepted (replay protection across restarts)."""
+
+    model: ModelKey | None
+    task: TaskKey | None
+
+
+Action = Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox | SaveTrustedKeys | SaveAccepted
 
 
 @dataclass
@@ -84,7 +119,9 @@ class AgentCore:
     attempt), remembered across restarts; keep each update in the outbox
     until its round is over and send it again after a reconnect while the
     round is open; drop anything malformed with a counted reason and leave
-    state unchanged.
+    state unchanged; refuse a model or task older than the newest accepted
+    (``replayed``), also across restarts; a larger run id is a reset
+    federation: follow it and forget the old run's trained rounds and outbox.
     """
 
     agent_id: str
@@ -97,6 +134,10 @@ class AgentCore:
     task: wire.TaskMsg | None = field(default=None, init=False)
     trained: set[tuple[int, int]] = field(default_factory=set)
     outbox: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    # The newest model and task accepted (loaded from and saved to the store):
+    # anything older is a replay, signed or not.
+    accepted_model: ModelKey | None = None
+    accepted_task: TaskKey | None = None
     eligible: bool = True
     reason: str = ""
     # Pinned model-signing keys: when set, only signed models and tasks count.
@@ -179,26 +220,76 @@ class AgentCore:
                 "incompatible_model",
                 f"model expects {msg.spec.n_features} features, local data has {self.data.X_train.shape[1]}",
             )
-        if self.model_msg is not None and msg.round < self.model_msg.round:
-            # MQTT keeps the order of one topic, so a lower round arriving
-            # later was really published after the higher one: the federation
-            # was restarted from scratch. Follow it (refusing it left agents
-            # stuck on a dead run's retained model). Replayed old models are
-            # a matter for model signatures, not for round numbers.
-            log.info("%s: model went back from round %d to %d: the federation restarted",
-                     self.agent_id, self.model_msg.round, msg.round)
+        key = model_key(msg)
+        why = self._replayed(key, "model")
+        if why:
+            return self._reject("replayed", why)
         actions: list[Action] = []
-        if self.trained and msg.round < max(r for r, _ in self.trained) - 1:
-            # This run never got that far: what we remember trained (and the
-            # outbox) belongs to a federation run that was started over.
-            log.info("%s: forgetting %d trained rounds of an earlier run", self.agent_id, len(self.trained))
-            self.trained.clear()
-            actions.append(SaveTrained(set()))
-            for key in sorted(self.outbox):
-                actions.append(DropOutbox(key))
-            self.outbox.clear()
+        if self.run is None and self.trained and msg.round < max(r for r, _ in self.trained) - 1:
+            # No run id accepted yet (state of a version before run ids) and
+            # this run never got that far: what we remember trained belongs
+            # to a federation that was started over.
+            actions += self._forget_run(f"model of round {msg.round}, behind the rounds we trained")
+        actions += self._accept(key, "model")
         self.model_msg = msg
         return actions + self._maybe_train()
+
+    # -- replay protection ----------------------------------------------------
+
+    @property
+    def run(self) -> int | None:
+        """The newest federation run accepted (None before the first model or task)."""
+        runs = [k[0] for k in (self.accepted_model, self.accepted_task) if k is not None]
+        return max(runs) if runs else None
+
+    def _replayed(self, key: ModelKey | TaskKey, kind: str) -> str:
+        """Why a model or task with this key is older than what we accepted ("" if it is not).
+
+        An equal key is accepted: the same retained message again, or
+        republished by a restarted aggregator. Only a model or task that the
+        aggregator published before one we accepted is refused, so a replay
+        (signed or not) or a stale redelivery cannot move the agent back.
+        """
+        newest = self.accepted_model if kind == "model" else self.accepted_task
+        if newest is not None and key < newest:
+            return f"{kind} {key} is older than the {kind} {newest} already accepted (run, round, ...)"
+        reached = [_reach(k, n) for k, n in ((self.accepted_model, "model"), (self.accepted_task, "task")) if k]
+        if reached and _reach(key, kind) < max(reached):
+            return f"{kind} {key} is behind run and round {max(reached)} already reached"
+        return ""
+
+    def _accept(self, key: ModelKey | TaskKey, kind: str) -> list[Action]:
+        """Record an accepted key; a larger run first forgets the old run. Returns the persistence actions."""
+        actions: list[Action] = []
+        if self.run is not None and key[0] > self.run:
+            actions += self._forget_run(f"federation run {self.run} was replaced by run {key[0]} (reset)")
+        newest = self.accepted_model if kind == "model" else self.accepted_task
+        if newest is None or key > newest:
+            if kind == "model":
+                self.accepted_model = key
+            else:
+                self.accepted_task = key
+            # After the forgetting: a crash in between leaves the old key,
+            # and the next message of the new run forgets again.
+            actions.append(SaveAccepted(self.accepted_model, self.accepted_task))
+        return actions
+
+    def _forget_run(self, why: str) -> list[Action]:
+        """A reset federation: its rounds start again, so the old run's trained rounds, outbox and messages go."""
+        log.info("%s: %s: forgetting %d trained rounds and %d outbox entries", self.agent_id, why,
+                 len(self.trained), len(self.outbox))
+        actions: list[Action] = []
+        if self.trained:
+            self.trained.clear()
+            actions.append(SaveTrained(set()))
+        actions += [DropOutbox(key) for key in sorted(self.outbox)]
+        self.outbox.clear()
+        self.resent.clear()
+        # The old run's model or task must not meet the new run's (a fresh
+        # federation's round-0 model can have the same version as the old one's).
+        self.model_msg = self.task = None
+        self.finished = False
+        return actions
 
     def set_eligibility(self, eligible: bool, reason: str = "") -> list[Action]:
         """The device's eligibility was checked; a change is announced in the retained status."""
@@ -214,6 +305,11 @@ class AgentCore:
         return [self.status("online"), *self._resend()]
 
     def _on_task(self, msg: wire.TaskMsg) -> list[Action]:
+        order = task_key(msg)
+        why = self._replayed(order, "task")
+        if why:
+            return self._reject("replayed", why)
+        accepted = self._accept(order, "task")  # persisted before anything the task leads to
         self.task = msg
         actions: list[Action] = []
         if msg.config.dp_mode and not self.private:
@@ -228,12 +324,12 @@ class AgentCore:
             if not self.finished:
                 self.finished = True
                 actions.append(Done(msg.round))
-            return actions
+            return accepted + actions
         if msg.state == "open" and self.agent_id not in msg.selected and msg.retry_after > 0:
             self.retry_after = msg.retry_after  # pace steering: when to look again
             log.debug("%s: not selected in round %d; next round expected in ~%.0fs",
                       self.agent_id, msg.round, msg.retry_after)
-        return actions + self._resend() + self._maybe_train()
+        return accepted + actions + self._resend() + self._maybe_train()
 
     def _resend(self) -> list[Action]:
         """The outbox entry of the open task, once per connection (the aggregator drops a second copy)."""
@@ -357,6 +453,7 @@ class AgentRunner:
         if store is not None:
             core.trained |= store.load_trained()
             core.outbox.update(store.load_outbox())
+            core.accepted_model, core.accepted_task = store.load_accepted()
             if core.verifier is not None:
                 core.verifier.add(store.load_trusted_keys())  # learned through signed rollovers
         if eligibility is not None:
@@ -412,6 +509,9 @@ class AgentRunner:
             elif isinstance(a, SaveTrustedKeys):
                 if self.store is not None:
                     self.store.save_trusted_keys(a.keys)
+            elif isinstance(a, SaveAccepted):
+                if self.store is not None:
+                    self.store.save_accepted(a.model, a.task)
             elif isinstance(a, Done):
                 log.info("%s: federation finished after round %d", self.core.agent_id, a.round)
                 if self.on_done is not None:

@@ -51,6 +51,10 @@ MAX_DIM_SIZE = 1 << 31
 MAX_METRIC_ABS = 1e12
 # The dtype of every model parameter and delta on the wire.
 PARAM_DTYPE = "<f4"
+# Largest run id (model.run, task.run: milliseconds since the Unix epoch):
+# 2^53 - 1 is exact in an int64, a float64 and JSON numbers everywhere, and
+# lasts until the year 287 396.
+MAX_RUN = (1 << 53) - 1
 
 # Little-endian numeric dtypes only: no object, string, void or big-endian
 # arrays, so decoding can never build anything but plain numbers.
@@ -128,6 +132,11 @@ class ModelMsg:
     version: str
     spec: ModelSpec
     params: Params
+    # The federation run: milliseconds since the Unix epoch when the
+    # aggregator created this federation's state. A reset federation (state
+    # wiped) gets a larger one, so agents can tell it from a replayed old
+    # model. 0: a sender that predates run ids.
+    run: int = 0
 
 
 @dataclass
@@ -148,6 +157,8 @@ class TaskMsg:
     # "sync": rounds with a selection and a deadline; "async" (FedBuff): every
     # eligible agent trains on each new model, no deadline.
     mode: str = "sync"
+    # The federation run, as in ModelMsg.
+    run: int = 0
 
 
 @dataclass
@@ -325,7 +336,8 @@ def encode(msg: Message) -> bytes:
     """Serialize a message to its msgpack payload."""
     head = {"v": WIRE_VERSION, "kind": _KIND_OF[type(msg)], "fed": msg.fed, "round": msg.round}
     if isinstance(msg, ModelMsg):
-        body = {"version": msg.version, "spec": msg.spec.to_wire(), "params": encode_params(msg.params)}
+        body = {"version": msg.version, "spec": msg.spec.to_wire(), "params": encode_params(msg.params),
+                "run": msg.run}
     elif isinstance(msg, TaskMsg):
         body = {
             "base": msg.base,
@@ -345,6 +357,7 @@ def encode(msg: Message) -> bytes:
             },
             "retry_after": float(msg.retry_after),
             "mode": msg.mode,
+            "run": msg.run,
         }
     elif isinstance(msg, UpdateMsg):
         body = {
@@ -462,6 +475,7 @@ def decode(
             version=r.text("version"),
             spec=mspec,
             params=decode_params(r.get("params", dict), mspec, "params"),
+            run=r.run(),
         )
     elif kind == "task":
         state = r.text("state")
@@ -498,6 +512,7 @@ def decode(
             config=config,
             retry_after=r.nonneg_float("retry_after") if "retry_after" in m else 0.0,
             mode=mode,
+            run=r.run(),
         )
     elif kind == "update":
         msg = UpdateMsg(
@@ -593,6 +608,13 @@ class _Reader:
         value = self.get(key, int)
         if value < 0:
             raise WireError("bad_field", f"{self.where}.{key} must be >= 0, got {value}")
+        return value
+
+    def run(self) -> int:
+        """The optional ``run`` field: 0 (a sender that predates run ids) when absent."""
+        value = self.optional("run", int, 0)
+        if not 0 <= value <= MAX_RUN:
+            raise WireError("bad_field", f"{self.where}.run must be in 0..{MAX_RUN}, got {value}")
         return value
 
     def pos_int(self, key: str) -> int:

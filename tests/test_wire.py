@@ -264,6 +264,19 @@ def test_task_and_status_enumerations():
     assert _reason(_pack({**s, "eligible": 1})) == "bad_field"
 
 
+def test_run_is_optional_non_negative_and_bounded():
+    model = wire.ModelMsg("f1", 2, wire.params_version(_params()), SPEC, _params(), run=1_700_000_000_123)
+    task = wire.TaskMsg("f1", 3, "abcd", run=wire.MAX_RUN)
+    assert wire.decode(wire.encode(model)).run == 1_700_000_000_123
+    assert wire.decode(wire.encode(task)).run == wire.MAX_RUN
+    for msg in (model, task):
+        m = msgpack.unpackb(wire.encode(msg), raw=False)
+        del m["run"]
+        assert wire.decode(_pack(m)).run == 0  # a sender that predates run ids
+        for bad in (-1, wire.MAX_RUN + 1, 2**64 - 1, 1.5, True, "1", None):
+            assert _reason(_pack({**m, "run": bad})) == "bad_field", bad
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_random_bytes_never_raise_anything_but_wire_error(data):
