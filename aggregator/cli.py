@@ -90,6 +90,8 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--expected", type=int, default=d.expected, help="DP: expected agents per round (0: half)")
     p.add_argument("--budget", type=float, default=d.budget, help="DP: stop before epsilon would exceed this")
     p.add_argument("--adaptive-clip", action="store_true", help="DP: adapt the clip norm (Andrew et al. 2021)")
+    p.add_argument("--secagg", choices=("off", "secagg", "secagg+"), default=d.secagg,
+                   help="secure aggregation: the aggregator and the broker see only the sum of the updates")
     p.add_argument("--out", default=d.out, help="output directory (default ./fedmqtt-out)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
@@ -101,7 +103,7 @@ def demo_main(argv: list[str]) -> int:
     opts = DemoOptions(
         model=a.model, hidden=hidden, agents=a.agents, rounds=a.rounds, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, partition=a.partition, alpha=a.alpha, seed=a.seed,
-        out=a.out, broker=a.broker, mode=a.mode, buffer=a.buffer, dp=a.dp, noise=a.noise, clip=a.clip,
+        out=a.out, broker=a.broker, mode=a.mode, buffer=a.buffer, dp=a.dp, noise=a.noise, clip=a.clip, secagg=a.secagg,
         expected=a.expected, budget=a.budget, adaptive_clip=a.adaptive_clip,
     )
     # systemd, `timeout` or a terminal closing send SIGTERM: clean up exactly as for Ctrl-C.

@@ -230,6 +230,54 @@ class SecurityConfig:
         return out
 
 
+SECAGG_MODES = ("off", "secagg", "secagg+")
+# Rules that need only the sum of the updates (the weighted mean and the
+# server optimizers built on it); the robust rules look at single updates,
+# which secure aggregation hides.
+SECAGG_STRATEGIES = ("fedavg", "fedavg_unweighted", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# The masked sum travels as uint32: quantization bits plus log2(devices) must fit.
+MAX_SECAGG_BITS = 32
+
+
+@dataclass
+class SecAggConfig:
+    """Secure aggregation (README "Secure aggregation"; Bonawitz et al. 2017, Bell et al. 2020)."""
+
+    mode: str = field(default="off", metadata={"help": "off | secagg (every pair of devices) | secagg+ (k neighbours)"})
+    threshold: float = field(
+        default=0.0,
+        metadata={"help": "t: shares that recover one device's secrets; >= 1 absolute, < 1 a fraction of its "
+                          "peers, 0: a majority of its peers (n/2 + 1)"},
+    )
+    degree: int = field(default=0, metadata={"help": "secagg+: peers per device k (0: 2 ceil(log2 n), at least 4)"})
+    bits: int = field(default=16, metadata={"help": "quantization bits per coordinate"})
+    range: float = field(default=1.0, metadata={"help": "coordinates are clamped to [-range, range] before quantization"})
+    clip: float = field(default=0.0, metadata={"help": "clip each update to this L2 norm first (0: no clipping)"})
+    stage_timeout: float = field(default=30.0, metadata={"help": "seconds each protocol stage after the first waits"})
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.mode not in SECAGG_MODES:
+            out.append(("mode", f"must be one of {', '.join(SECAGG_MODES)}, got {self.mode!r}"))
+        if self.threshold < 0:
+            out.append(("threshold", f"must be >= 0, got {self.threshold}"))
+        if self.degree < 0:
+            out.append(("degree", f"must be >= 0, got {self.degree}"))
+        if not 1 <= self.bits <= 24:
+            out.append(("bits", f"must be in 1..24 (the sum of many must fit {MAX_SECAGG_BITS} bits), got {self.bits}"))
+        if not self.range > 0:
+            out.append(("range", f"must be > 0, got {self.range}"))
+        if self.clip < 0:
+            out.append(("clip", f"must be >= 0, got {self.clip}"))
+        if not self.stage_timeout > 0:
+            out.append(("stage_timeout", f"must be > 0, got {self.stage_timeout}"))
+        return out
+
+
 PRIVACY_MODES = ("off", "central", "local", "distributed")
 PLD_MIN_NOISE = 0.3
 
@@ -345,6 +393,7 @@ class AggregatorConfig:
     fedbuff: FedBuffConfig = field(default_factory=FedBuffConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -373,6 +422,19 @@ class AggregatorConfig:
                         "set rounds > 0 (the planning horizon), or use noise_multiplier and budget instead"))
         if p.enabled and self.round.mode == "async":
             out.append(("privacy.mode", "differential privacy needs synchronous rounds ([round] mode = sync)"))
+        sa = self.secagg
+        if sa.enabled:
+            if self.round.mode == "async":
+                out.append(("secagg.mode", "secure aggregation needs synchronous rounds ([round] mode = sync)"))
+            if self.strategy.name not in SECAGG_STRATEGIES:
+                out.append(("secagg.mode", f"strategy {self.strategy.name!r} looks at single updates, which secure "
+                            f"aggregation hides; use one of {', '.join(SECAGG_STRATEGIES)}"))
+            if p.enabled:
+                out.append(("secagg.mode", "differential privacy on top of secure aggregation (distributed discrete "
+                            "Gaussian) is not implemented yet: set [privacy] mode = off"))
+            if sa.threshold >= 1 and self.round.min_agents < sa.threshold + 1:
+                out.append(("round.min_agents", f"secure aggregation with threshold {sa.threshold:g} needs at least "
+                            f"{int(sa.threshold) + 1} agents per round"))
         labels = self.onnx.class_labels
         if labels and (self.model.kind == "linear" or len(labels) != self.model.n_outputs):
             out.append(("onnx.class_labels", f"needs one name per class ({self.model.n_outputs}), got {len(labels)}"))

@@ -208,6 +208,7 @@ class Coordinator:
         self.accepted = 0
         self.finished = False
         self._journal_backlog = list(journal or [])
+        self.secagg = None  # the open round's secure aggregation (aggregator/secagg.py), if on
         self._history_dicts: list[dict[str, Any]] = []  # asdict() of self.history, for snapshots
         self.privacy = None
         if config.privacy.enabled:
@@ -254,6 +255,11 @@ class Coordinator:
             self._journal_backlog = []
         if any(isinstance(a, Publish) and a.topic == self.topics.task for a in actions):
             return actions
+        if self.open is not None and self.config.secagg.enabled:
+            # The round's secrets were in this process's memory only (and the
+            # devices' keys were for it): nothing of it can be finished. It is
+            # abandoned cleanly and re-run; no partial sum is ever published.
+            return actions + self._abandon(now, "the aggregator restarted during secure aggregation")
         if self.open is not None:
             return actions + [self._task_publish(now)]
         opened = self._maybe_open(now)
@@ -272,6 +278,8 @@ class Coordinator:
                 return []  # a retained status being cleared
             return self._on_status(agent, payload, now)
         if kind == "update":
+            if self.config.secagg.enabled:
+                return self._on_secagg(agent, payload, now)
             return self._on_update(agent, payload, now)
         return []
 
@@ -280,6 +288,8 @@ class Coordinator:
         o = self.open
         if o is None:
             return self._maybe_open(now)
+        if self.secagg is not None:
+            return self._secagg_step(self.secagg.tick(now), now)
         if self.privacy is not None and (now >= o.deadline or not o.selected):
             # DP: a drawn round is always released (noise and all), never
             # redrawn: redrawing a short or empty draw would make the real
@@ -320,6 +330,8 @@ class Coordinator:
         if before is None or (before.online, before.eligible) != (info.online, info.eligible):
             log.info("agent %s is %s%s", msg.agent, "online" if info.online else "offline",
                      "" if info.eligible or not info.online else f", not eligible ({info.reason or 'no reason given'})")
+        if self.secagg is not None and not info.online:
+            return self._secagg_step(self.secagg.agent_offline(msg.agent, now), now)
         if self.open is not None and self.async_mode and self._usable(info):
             if msg.agent not in self.open.selected:
                 # Async rounds take whoever is there: let the newcomer in.
@@ -409,6 +421,64 @@ class Coordinator:
             actions += self._close(now)
         return actions
 
+    # -- secure aggregation -----------------------------------------------------
+
+    def _secagg_degree(self, n: int) -> int:
+        sa = self.config.secagg
+        if sa.mode != "secagg+":
+            return 0
+        return sa.degree or max(4, 2 * math.ceil(math.log2(max(2, n))))
+
+    def _secagg_params(self, n: int) -> wire.SecAggParams:
+        from .secagg import round_params
+
+        sa = self.config.secagg
+        return round_params(sa.mode, n, self._secagg_degree(n), sa.threshold, sa.bits, sa.range, sa.clip)
+
+    def _on_secagg(self, agent: str | None, payload: bytes, now: float) -> list[Action]:
+        """A device's secure-aggregation message (on its update topic)."""
+        from edge_agent.secagg import messages as sam
+
+        from .secagg import SecAggReject
+
+        try:
+            msg = sam.decode(payload, fed=self.config.federation, kinds=sam.DEVICE_KINDS)
+        except wire.WireError as exc:
+            return self._reject(f"secagg_{exc.reason}", f"from {agent}: {exc.detail}")
+        if msg.agent != agent:
+            return self._reject("identity_mismatch", f"secagg message on {agent}'s topic names {msg.agent}")
+        if self.secagg is None:
+            return self._reject("no_open_round", f"secagg message from {agent} for round {msg.round}")
+        try:
+            out = self.secagg.receive(agent, msg, now)
+        except SecAggReject as exc:
+            return self._reject(f"secagg_{exc.reason}", exc.detail)
+        return self._secagg_step(out, now)
+
+    def _secagg_step(self, publishes: list[Publish], now: float) -> list[Action]:
+        """Send what the protocol says; close the round with the unmasked sum, or abandon it."""
+        sa, o = self.secagg, self.open
+        actions: list[Action] = list(publishes)
+        if sa is None or o is None:
+            return actions
+        if sa.stage == "aborted":
+            self.rejected["secagg_aborted"] += 1
+            return actions + self._abandon(now, f"secure aggregation aborted: {sa.why}")
+        if sa.stage != "done":
+            return actions
+        contributors = sorted(sa.contributors)
+        mean = sa.result / len(contributors)
+        delta, offset = {}, 0
+        for name, shape in self.spec.param_shapes().items():
+            size = math.prod(shape)
+            delta[name] = mean[offset:offset + size].reshape(shape).astype(np.float32)
+            offset += size
+        # The strategy sees the mean as one update: the rules allowed with
+        # secure aggregation need only the mean.
+        self.strategy.add(delta, 1.0, None)
+        o.received = set(contributors)
+        return actions + self._close(now)
+
     def _add_metrics(self, o: _OpenRound, msg: wire.UpdateMsg) -> None:
         # Training metrics weigh by training samples, evaluation metrics by
         # holdout samples, so the round figure is the population's, not the
@@ -478,8 +548,21 @@ class Coordinator:
             else:
                 selected = candidates
             deadline = now + rc.timeout
+        sa_params = None
+        if self.config.secagg.enabled:
+            sa_params = self._secagg_params(len(selected))
+            if sa_params.threshold + 1 > len(selected):
+                log.info("secure aggregation needs %d selected devices (threshold %d + 1), %d eligible",
+                         sa_params.threshold + 1, sa_params.threshold, len(selected))
+                return []
         self._open_round(self.round + 1, self.attempt, selected, target, now, deadline)
         self.open.q = q
+        if sa_params is not None:
+            from .secagg import make_round
+
+            self.secagg = make_round(self.config.federation, self.round + 1, self.attempt, selected, sa_params,
+                                     self._secagg_degree(len(selected)), self.spec.num_params(), deadline,
+                                     self.config.secagg.stage_timeout)
         log.info("round %d attempt %d opened: %d selected for a target of %d (of %d eligible online)",
                  self.round + 1, self.attempt, len(selected), target, len(candidates))
         record = {"type": "open", "round": self.round + 1, "attempt": self.attempt, "selected": selected,
@@ -490,6 +573,7 @@ class Coordinator:
     def _open_round(self, rnd: int, attempt: int, selected: list[str], target: int, now: float, deadline: float) -> None:
         self.open = _OpenRound(round=rnd, attempt=attempt, selected=list(selected), target=target,
                                opened_at=now, deadline=deadline)
+        self.secagg = None
         self.strategy.begin(self.params)
 
     def _abandon(self, now: float, why: str, replay: bool = False) -> list[Action]:
@@ -500,6 +584,7 @@ class Coordinator:
             o.round, o.attempt, why, len(o.received), len(o.selected), self.config.round.quorum,
         )
         self.open = None
+        self.secagg = None
         self.attempt += 1
         actions: list[Action] = []
         if not replay:
@@ -532,6 +617,7 @@ class Coordinator:
             self.async_applied |= o.received
             self.async_applied = {k for k in self.async_applied if k.rsplit("@", 1)[1] in self.recent_versions}
         self.open = None
+        self.secagg = None
         self.attempt = 0
         metrics = {name: s / w for name, (s, w) in o.metric_sums.items() if w > 0}
         if self.evaluate is not None:
@@ -642,6 +728,7 @@ class Coordinator:
             retry_after=0.0 if self.async_mode else max(0.0, min(o.deadline - now, self._pace())),
             mode=self.config.round.mode,
             run=self.run,
+            secagg=self.secagg.params if self.secagg is not None else None,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
 

@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from . import __version__, dp, wire
 from .agent_store import AgentStore
 from .data import LocalData
@@ -142,6 +144,8 @@ class AgentCore:
     reason: str = ""
     # Pinned model-signing keys: when set, only signed models and tasks count.
     verifier: Verifier | None = None
+    # The device's side of the open secure-aggregation round (edge_agent.secagg.client).
+    secagg_client: object | None = field(default=None, init=False)
     # Keep the local sample count out of the public retained status. Turned
     # on by the agent's config, and by the first task that asks for DP.
     private: bool = False
@@ -159,7 +163,8 @@ class AgentCore:
     # -- what to say and hear -------------------------------------------------
 
     def subscriptions(self) -> list[str]:
-        subs = [self.topics.model, self.topics.task]
+        # the inbox carries secure-aggregation messages addressed to this device
+        subs = [self.topics.model, self.topics.task, self.topics.inbox(self.agent_id)]
         return subs + [self.topics.keys] if self.verifier is not None else subs
 
     def status(self, state: str = "online") -> Publish:
@@ -189,6 +194,8 @@ class AgentCore:
                 self.verifier.verify(topic, payload, props or {})
             except SignatureError as exc:
                 return self._reject(exc.reason, str(exc))
+        if kind == "inbox":
+            return self._on_inbox(payload)
         try:
             if kind == "model":
                 return self._on_model(wire.decode(payload, expect="model", fed=self.fed))
@@ -204,6 +211,28 @@ class AgentCore:
         except wire.WireError as exc:
             return self._reject(exc.reason, f"{topic}: {exc.detail}")
         return []
+
+    def _on_inbox(self, payload: bytes) -> list[Action]:
+        """A secure-aggregation message for this device: the next step of its round."""
+        client = self.secagg_client
+        if client is None:
+            return self._reject("secagg_no_round", "inbox message while not in a secure-aggregation round")
+        from .secagg import messages as sam
+        from .secagg.client import SecAggError
+
+        try:
+            msg = sam.decode(payload, fed=self.fed, kinds=sam.SERVER_KINDS)
+            step = {sam.SAPeers: client.on_peers, sam.SARoute: client.on_route,
+                    sam.SAUnmaskReq: client.on_unmask_req}[type(msg)]
+            reply = step(msg)
+        except wire.WireError as exc:
+            return self._reject(f"secagg_{exc.reason}", exc.detail)
+        except SecAggError as exc:
+            return self._reject(f"secagg_{exc.reason}", str(exc))
+        for reason, detail in client.problems:
+            self._reject(f"secagg_{reason}", detail)
+        client.problems.clear()
+        return [Publish(self.topics.update(self.agent_id), sam.encode(reply), qos=1, retain=False)]
 
     def _reject(self, reason: str, detail: str) -> list[Action]:
         self.rejected[reason] += 1
@@ -311,6 +340,9 @@ class AgentCore:
             return self._reject("replayed", why)
         accepted = self._accept(order, "task")  # persisted before anything the task leads to
         self.task = msg
+        c = self.secagg_client
+        if c is not None and (msg.state != "open" or (msg.round, msg.attempt) != (c.round, c.attempt)):
+            self.secagg_client = None  # its round is over: its secrets go with it
         actions: list[Action] = []
         if msg.config.dp_mode and not self.private:
             # A DP federation: the dataset size is not the world's business.
@@ -404,6 +436,18 @@ class AgentCore:
                 noised_bit["dp_bit"] = dp.centred_bit(metrics.get("dp_unclipped") == 1.0) + float(
                     dp.SecureRandom().normal(0.0, t.config.count_noise_std))
             metrics, num_samples = noised_bit, 1
+        if t.secagg is not None:
+            # Secure aggregation: the update leaves the device only quantized
+            # and masked (stage 3); this starts the protocol with our keys.
+            from .secagg.client import SecAggClient
+
+            flat = np.concatenate([np.asarray(delta[k], np.float64).ravel() for k in m.spec.param_shapes()])
+            self.secagg_client = SecAggClient(self.fed, self.agent_id, round_number, attempt, t.selected, t.secagg, flat)
+            self.updates_sent += 1
+            from .secagg.messages import encode as encode_secagg
+
+            return [Publish(self.topics.update(self.agent_id), encode_secagg(self.secagg_client.advertise()),
+                            qos=1, retain=False)]
         update = wire.UpdateMsg(
             fed=self.fed,
             round=round_number,

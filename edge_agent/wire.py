@@ -139,6 +139,21 @@ class ModelMsg:
     run: int = 0
 
 
+SECAGG_MODES = ("secagg", "secagg+")
+
+
+@dataclass
+class SecAggParams:
+    """Secure aggregation settings of a round (task field ``secagg``; docs/PROTOCOL.md §6)."""
+
+    mode: str  # "secagg": every selected device is a peer of every other; "secagg+": k neighbours each
+    threshold: int  # t: shares needed to recover one device's secrets
+    qbits: int  # each coordinate is quantized to this many bits
+    bits: int  # modulus 2^bits of the masked sum (qbits + ceil(log2 n): the sum never wraps)
+    range: float  # coordinates are clamped to [-range, range] before quantization
+    clip: float = 0.0  # the whole update is first clipped to this L2 norm (0: no clipping)
+
+
 @dataclass
 class TaskMsg:
     """The open round (retained on ``fl/<fed>/task``)."""
@@ -157,6 +172,8 @@ class TaskMsg:
     # "sync": rounds with a selection and a deadline; "async" (FedBuff): every
     # eligible agent trains on each new model, no deadline.
     mode: str = "sync"
+    # Secure aggregation of this round (None: plain updates).
+    secagg: SecAggParams | None = None
     # The federation run, as in ModelMsg.
     run: int = 0
 
@@ -358,6 +375,7 @@ def encode(msg: Message) -> bytes:
             "retry_after": float(msg.retry_after),
             "mode": msg.mode,
             "run": msg.run,
+            **({"secagg": _secagg_map(msg.secagg)} if msg.secagg is not None else {}),
         }
     elif isinstance(msg, UpdateMsg):
         body = {
@@ -513,6 +531,7 @@ def decode(
             retry_after=r.nonneg_float("retry_after") if "retry_after" in m else 0.0,
             mode=mode,
             run=r.run(),
+            secagg=_secagg_params(r.get("secagg", dict)) if "secagg" in m else None,
         )
     elif kind == "update":
         msg = UpdateMsg(
@@ -559,6 +578,22 @@ def decode(
             history=_history(r.optional("history", list, [])),
         )
     return msg
+
+
+def _secagg_map(p: SecAggParams) -> dict[str, Any]:
+    return {"mode": p.mode, "threshold": p.threshold, "qbits": p.qbits, "bits": p.bits, "range": float(p.range),
+            "clip": float(p.clip)}
+
+
+def _secagg_params(m: dict) -> SecAggParams:
+    r = _Reader(m, "task.secagg")
+    p = SecAggParams(mode=r.text("mode"), threshold=r.pos_int("threshold"), qbits=r.pos_int("qbits"),
+                     bits=r.pos_int("bits"), range=r.pos_float("range"), clip=r.nonneg_float("clip"))
+    if p.mode not in SECAGG_MODES:
+        raise WireError("bad_field", f"task.secagg.mode must be one of {SECAGG_MODES}, got {p.mode!r}")
+    if not p.qbits <= p.bits <= 32:
+        raise WireError("bad_field", f"task.secagg needs qbits <= bits <= 32, got {p.qbits} and {p.bits}")
+    return p
 
 
 def _history(items: list) -> list[dict[str, float]]:
@@ -653,3 +688,8 @@ class _Reader:
                 raise WireError("bad_field", f"{self.where}.{key}.{k} must be a finite number within ±{MAX_METRIC_ABS:g}")
             out[k] = float(v)
         return out
+
+
+#: Typed field access on a decoded map, for the codecs of protocol extensions
+#: (edge_agent.secagg.messages) that build on this one.
+FieldReader = _Reader
