@@ -109,6 +109,7 @@ class SecAggRound:
     offline: set[str] = field(default_factory=set)
     total: np.ndarray | None = None
     result: np.ndarray | None = None  # the float sum of the survivors' updates, once done
+    sum_int: np.ndarray | None = None  # the same, as the exact integer sum before dequantization
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.fed)
@@ -299,6 +300,7 @@ class SecAggRound:
         except crypto.CryptoError as exc:
             return self._abort(f"cannot recompute a mask: {exc}")
         total &= self.mod
+        self.sum_int = total  # the exact integer sum of the contributors' quantized inputs
         self.result = dequantize_sum(total, len(u3), p.range, p.qbits)
         self.total = None
         self.stage = "done"

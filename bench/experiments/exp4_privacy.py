@@ -9,8 +9,10 @@ the real Coordinator's privacy engine (aggregator/privacy.py):
 - every update clipped to L2 norm S = 1.0 (the PrivacyConfig default),
   uniformly weighted, the noised sum divided by the *expected* 100 devices
   (fixed-denominator estimator);
-- Gaussian noise z·S on the sum (``central``) or z·S on *every* update
-  (``local``, i.e. sqrt(#updates) ~ 10x more noise on the sum);
+- Gaussian noise z·S on the sum (``central``), z·S on *every* update
+  (``local``, i.e. sqrt(#updates) ~ 10x more noise on the sum) or a share
+  z·S/sqrt(m-1) on every update (``distributed``, m = ``min_clients``; with
+  m = 2 that is z·S per update, the same noise on the sum as ``local``);
 - the accountant (RDP, dp-accounting) charges one Poisson-subsampled
   Gaussian per released model; ε is reported at δ = 1e-5 (< 1/N = 1e-3).
 
@@ -18,8 +20,9 @@ Arms (``--arms``): ``nodp`` (privacy off: 100 agents drawn uniformly without
 replacement, sample-weighted FedAvg), ``clip`` (central, z = 0.01: clipping,
 Poisson selection and the fixed denominator with negligible noise),
 ``z0.5``, ``z1``, ``z2``, ``z4``, ``z8`` (central), ``local1`` (local, z = 1),
-``adaptive1`` (central, z = 1, adaptive clipping from S = 1.0 towards the
-median update norm, η_C = 0.2, count noise σ_b = 100/20 = 5). Each arm runs
+``dist1`` (distributed, z = 1, min_clients = 2), ``adaptive1`` (central,
+z = 1, adaptive clipping from S = 1.0 towards the median update norm,
+η_C = 0.2, count noise σ_b = 100/20 = 5). Each arm runs
 with ``--seeds`` (selection, local-training seeds and DP noise; the data split
 is always ``--data-seed``).
 
@@ -52,7 +55,7 @@ Outputs in ``--out`` (default docs/results/exp4_privacy/):
 
 Run from the repository root:
   .venv/bin/python bench/experiments/exp4_privacy.py [--rounds 100] [--seeds 0 1 2]
-      [--arms nodp clip z0.5 z1 z2 z4 z8 local1 adaptive1] [--jobs 2] [--os-noise]
+      [--arms nodp clip z0.5 z1 z2 z4 z8 local1 dist1 adaptive1] [--jobs 2] [--os-noise]
 """
 
 from __future__ import annotations
@@ -91,10 +94,11 @@ SELECTION_STREAM = 0x5E1  # the Poisson draw has its own source, as in productio
 @dataclass(frozen=True)
 class Arm:
     key: str
-    mode: str  # off | central | local
+    mode: str  # off | central | local | distributed
     z: float = 0.0
     adaptive: bool = False
     label: str = ""
+    min_clients: int = 2  # distributed: each device adds z·S/sqrt(min_clients - 1)
 
 
 ARMS = {a.key: a for a in (
@@ -106,6 +110,7 @@ ARMS = {a.key: a for a in (
     Arm("z4", "central", 4.0, label="central z = 4"),
     Arm("z8", "central", 8.0, label="central z = 8"),
     Arm("local1", "local", 1.0, label="local z = 1"),
+    Arm("dist1", "distributed", 1.0, min_clients=2, label="distributed z = 1 (m = 2)"),
     Arm("adaptive1", "central", 1.0, adaptive=True, label="central z = 1, adaptive S"),
 )}
 CENTRAL_SWEEP = ("nodp", "clip", "z0.5", "z1", "z2", "z4", "z8")
@@ -118,6 +123,7 @@ STYLE = {
     "z4": dict(color="#d62728"),
     "z8": dict(color="#9467bd"),
     "local1": dict(color="#8c564b", linestyle=":", linewidth=2.0),
+    "dist1": dict(color="#e377c2", linestyle="--"),
     "adaptive1": dict(color="#17becf", linestyle="-."),
 }
 
@@ -164,6 +170,7 @@ def config_for(s: Setup, arm: Arm, seed: int):
         mode=arm.mode, clip=s.clip, noise_multiplier=arm.z if arm.mode != "off" else 1.0, delta=s.delta,
         accountant=s.accountant, population=s.agents, expected_per_round=s.expected,
         adaptive_clip=arm.adaptive, target_quantile=s.target_quantile, clip_lr=s.clip_lr,
+        min_clients=arm.min_clients,
     )
     cfg = dataclasses.replace(cfg, privacy=privacy)
     problems = cfg.problems() + [(f"privacy.{k}", v) for k, v in cfg.privacy.problems()]
@@ -243,8 +250,9 @@ def known_participation_epsilon(z: float, participations: int, delta: float, acc
     What an observer who knows in which rounds a device took part can learn
     about that device's data. Default, replace-one: its clipped update can
     change by 2S, against noise z·S on the sum (central) or on the update
-    itself (local), i.e. multiplier z/2. ``sensitivity=1``: against the device
-    sending a zero update instead (change S, multiplier z).
+    itself (local; distributed with m = 2), i.e. multiplier z/2.
+    ``sensitivity=1``: against the device sending a zero update instead
+    (change S, multiplier z).
     """
     import dp_accounting as dpa
     from dp_accounting import pld, rdp
@@ -393,7 +401,8 @@ def plot(out: Path, s: Setup, args, rows: list[dict], summary: list[dict]) -> No
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=100)
     panels = [
         (axes[0], [k for k in CENTRAL_SWEEP if k in arms], "central DP, fixed S = %g" % s.clip),
-        (axes[1], [k for k in ("nodp", "z1", "adaptive1", "local1") if k in arms], "z = 1: central, adaptive S, local"),
+        (axes[1], [k for k in ("nodp", "z1", "adaptive1", "local1", "dist1") if k in arms],
+         "z = 1: central, adaptive S, local, distributed"),
     ]
     for ax, keys, title in panels:
         for key in keys:
@@ -409,8 +418,8 @@ def plot(out: Path, s: Setup, args, rows: list[dict], summary: list[dict]) -> No
         ax.legend(fontsize=8, loc="lower right")
     ax = axes[2]
     for key in arms:
-        if ARMS[key].mode == "off" or key in ("clip", "local1", "adaptive1"):
-            continue  # clip only: ε ~ 1e5; local and adaptive are accounted as z = 1
+        if ARMS[key].mode == "off" or key in ("clip", "local1", "dist1", "adaptive1"):
+            continue  # clip only: ε ~ 1e5; local, distributed and adaptive are accounted as z = 1
         x, m, _, _ = curve(key, "epsilon")
         ax.plot(x, m, label=ARMS[key].label, **STYLE.get(key, {}))
     ax.set_yscale("log")
@@ -438,7 +447,7 @@ def plot(out: Path, s: Setup, args, rows: list[dict], summary: list[dict]) -> No
         ax.errorbar(e, m, yerr=[lo, hi], marker="o", color="#2ca02c", capsize=3, label="central, fixed S")
         for p, ei, mi in zip(pts, e, m):
             ax.annotate(f"z={p['z']:g}", (ei, mi), textcoords="offset points", xytext=(5, -12), fontsize=8)
-    for key, marker, color in (("adaptive1", "s", "#17becf"), ("local1", "v", "#8c564b")):
+    for key, marker, color in (("adaptive1", "s", "#17becf"), ("local1", "v", "#8c564b"), ("dist1", "^", "#e377c2")):
         if key in by:
             p = by[key]
             ax.errorbar([p["epsilon_coordinator"]], [p["final_accuracy_mean"]],

@@ -1,0 +1,327 @@
+"""Secure aggregation, the pure parts: Shamir, crypto, quantization, and the protocol run in process.
+
+The device client and the aggregator round are sans-I/O, so the whole
+protocol runs here message by message (through the real codec) with
+dropouts at every stage and hostile messages; tests/test_secagg_broker.py
+runs it over a real mosquitto.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from aggregator.secagg import SecAggReject, make_round, neighbour_graph, round_params
+from edge_agent import wire
+from edge_agent.secagg import crypto, shamir
+from edge_agent.secagg import messages as M
+from edge_agent.secagg.client import SecAggClient, SecAggError
+from edge_agent.secagg.quantize import dequantize_sum, levels, modulus_bits, quantize
+
+FED = "sa"
+QBITS, RANGE = 16, 1.0
+
+
+# -- Shamir -------------------------------------------------------------------------
+
+def test_any_t_shares_recover_the_secret():
+    secret = bytes(range(32))
+    xs = [1, 2, 3, 4, 5, 6, 7]
+    shares = shamir.split(secret, xs, 4)
+    for subset in itertools.combinations(xs, 4):
+        assert shamir.combine({x: shares[x] for x in subset}, 4, 32) == secret
+    with pytest.raises(shamir.ShamirError):
+        shamir.combine({x: shares[x] for x in xs[:3]}, 4, 32)
+
+
+def test_t_minus_one_shares_are_consistent_with_every_secret():
+    # For t - 1 shares and ANY candidate secret there is a degree t-1 polynomial through
+    # (0, candidate) and the shares: interpolating it back at the share points gives the shares.
+    t, xs = 3, [1, 2, 3, 4, 5]
+    shares = shamir.split(b"\x01" * 32, xs, t)
+    known = {x: int.from_bytes(shares[x], "big") for x in (2, 5)}
+    for candidate in (0, 1, 12345, shamir.PRIME - 1):
+        pts = [(0, candidate)] + list(known.items())
+
+        def poly(x):  # Lagrange through the t points
+            total = 0
+            for i, (xi, yi) in enumerate(pts):
+                num = den = 1
+                for j, (xj, _) in enumerate(pts):
+                    if j != i:
+                        num = num * (x - xj) % shamir.PRIME
+                        den = den * (xi - xj) % shamir.PRIME
+                total = (total + yi * num * pow(den, -1, shamir.PRIME)) % shamir.PRIME
+            return total
+
+        assert all(poly(x) == y for x, y in known.items())
+
+
+def test_shamir_refuses_bad_input():
+    with pytest.raises(shamir.ShamirError):
+        shamir.split(b"x" * 65, [1, 2], 2)
+    with pytest.raises(shamir.ShamirError):
+        shamir.split(b"x", [1, 1], 2)
+    with pytest.raises(shamir.ShamirError):
+        shamir.combine({1: b"\xff" * shamir.SHARE_BYTES, 2: b"\x00" * shamir.SHARE_BYTES}, 2, 32)
+
+
+# -- crypto ---------------------------------------------------------------------------
+
+def test_key_agreement_is_symmetric_and_a_tampered_ciphertext_fails():
+    a_sk, a_pk = crypto.new_keypair()
+    b_sk, b_pk = crypto.new_keypair()
+    k1, k2 = crypto.agree(a_sk, b_pk, b"label"), crypto.agree(b_sk, a_pk, b"label")
+    assert k1 == k2 and crypto.agree(a_sk, b_pk, b"other") != k1
+    blob = crypto.seal(k1, b"secret share", b"aad")
+    assert crypto.open_sealed(k2, blob, b"aad") == b"secret share"
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    for bad_blob, aad in ((tampered, b"aad"), (blob, b"other aad")):
+        with pytest.raises(crypto.CryptoError) as exc:
+            crypto.open_sealed(k2, bad_blob, aad)
+        assert exc.value.reason == "bad_ciphertext"
+
+
+def test_masks_are_uniform_and_reproducible_from_the_seed():
+    seed = bytes(32)
+    m = crypto.expand_mask(seed, 100_000, 20)
+    assert np.array_equal(m, crypto.expand_mask(seed, 100_000, 20))
+    assert m.max() < 2 ** 20
+    counts = np.bincount((m >> np.uint64(14)).astype(np.int64), minlength=64)  # 64 equal bins
+    assert stats.chisquare(counts).pvalue > 1e-4
+
+
+# -- quantization ------------------------------------------------------------------------
+
+def test_quantization_is_unbiased_and_the_modulus_never_wraps():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, 200_000)
+    q = quantize(x, RANGE, 8, rng.random(x.size))
+    back = q * (2 * RANGE / levels(8)) - RANGE
+    assert abs(float(np.mean(back - x))) < 3 * (2 / 255) / math.sqrt(x.size)
+    assert np.abs(back - x).max() <= 2 / 255 + 1e-12
+    for n in (1, 2, 3, 10, 100, 1000):
+        assert n * levels(QBITS) < 2 ** modulus_bits(QBITS, n)
+    assert dequantize_sum(np.array([2 * levels(QBITS)]), 2, RANGE, QBITS)[0] == pytest.approx(2 * RANGE)
+
+
+# -- the protocol in process --------------------------------------------------------------
+
+def grid_inputs(names, dim, seed=0):
+    """Updates exactly on the quantization grid: rounding is deterministic, so sums can be checked exactly."""
+    rng = np.random.default_rng(seed)
+    ks = {a: rng.integers(0, levels(QBITS) + 1, dim) for a in names}
+    xs = {a: ks[a] * (2 * RANGE / levels(QBITS)) - RANGE for a in names}
+    return ks, xs
+
+
+class Harness:
+    """Devices and the aggregator round exchanging encoded messages; devices can drop at any stage."""
+
+    def __init__(self, n=10, dim=500, mode="secagg", degree=0, threshold=0):
+        self.names = [f"d{i:02d}" for i in range(n)]
+        self.params = round_params(mode, n, degree, threshold, QBITS, RANGE, 0.0)
+        self.ks, self.xs = grid_inputs(self.names, dim)
+        self.srv = make_round(FED, 1, 0, self.names, self.params, degree, dim, 100.0, 10.0)
+        self.clients = {a: SecAggClient(FED, a, 1, 0, self.names, self.params, self.xs[a]) for a in self.names}
+        self.dead: set[str] = set()
+        self.seen: dict[str, list] = {}  # what each device sent, by stage
+
+    def run(self, drop_after: dict[str, int] | None = None):
+        """Run to the end; ``drop_after[a] = s``: device a dies after sending its stage-s message (1..4)."""
+        drop_after = drop_after or {}
+        outgoing = [(a, self.clients[a].advertise()) for a in self.names]
+        stage = 1
+        while outgoing:
+            pubs = []
+            for a, msg in outgoing:
+                self.seen.setdefault(a, []).append(msg)
+                pubs += self.srv.receive(a, M.decode(M.encode(msg), fed=FED, kinds=M.DEVICE_KINDS), 0.0)
+            for a, s in drop_after.items():
+                if s == stage and a not in self.dead:
+                    self.dead.add(a)
+                    pubs += self.srv.agent_offline(a, 0.0)  # the last will
+            outgoing = []
+            for p in pubs:
+                a = p.topic.split("/")[-2]
+                if a in self.dead:
+                    continue
+                msg = M.decode(p.payload, fed=FED, kinds=M.SERVER_KINDS)
+                c = self.clients[a]
+                step = {M.SAPeers: c.on_peers, M.SARoute: c.on_route, M.SAUnmaskReq: c.on_unmask_req}[type(msg)]
+                outgoing.append((a, step(msg)))
+            stage += 1
+        return self.srv
+
+
+def test_ten_devices_the_unmasked_sum_is_the_exact_integer_sum():
+    h = Harness(n=10)
+    srv = h.run()
+    assert srv.stage == "done" and srv.contributors == set(h.names)
+    expected = sum(h.ks[a] for a in h.names)
+    assert np.array_equal(srv.sum_int, expected.astype(np.uint64))
+    np.testing.assert_allclose(srv.result, sum(h.xs[a] for a in h.names), atol=1e-9)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_thirty_percent_dropping_after_each_stage_still_gives_the_exact_sum_of_the_survivors(stage):
+    h = Harness(n=10)
+    dropped = h.names[:3]
+    srv = h.run({a: stage for a in dropped})
+    assert srv.stage == "done", srv.why
+    # after keys or shares: not in the sum; after sending the masked input: in it
+    contributors = set(h.names) - set(dropped) if stage < 3 else set(h.names)
+    assert srv.contributors == contributors
+    assert np.array_equal(srv.sum_int, sum(h.ks[a] for a in contributors).astype(np.uint64))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_below_the_threshold_the_round_aborts_and_reveals_nothing(stage):
+    h = Harness(n=10)  # t = 5 of 9 peers
+    srv = h.run({a: stage for a in h.names[:6]})
+    assert srv.stage == "aborted" and srv.result is None and srv.total is None
+
+
+def test_secagg_plus_with_50_devices_and_7_neighbours_gives_the_same_sum_as_full_secagg():
+    plus, full = Harness(n=50, dim=200, mode="secagg+", degree=7), Harness(n=50, dim=200, mode="secagg")
+    assert all(len(p) == 7 for p in plus.srv.peers.values())
+    assert all(b in plus.srv.peers[a] for a in plus.srv.peers for b in plus.srv.peers[a])  # undirected
+    s_plus, s_full = plus.run(), full.run()
+    assert s_plus.stage == s_full.stage == "done"
+    assert np.array_equal(s_plus.sum_int, s_full.sum_int)
+    # and with dropouts after sharing keys (3 of 50: no neighbourhood of 7 can lose the 4 = t it needs,
+    # whatever the random graph; SecAgg+ trades this robustness for O(k) cost, Bell et al. 2020)
+    plus2 = Harness(n=50, dim=200, mode="secagg+", degree=7)
+    srv = plus2.run({a: 2 for a in plus2.names[::17]})
+    survivors = set(plus2.names) - set(plus2.names[::17])
+    assert srv.stage == "done" and np.array_equal(srv.sum_int, sum(plus2.ks[a] for a in survivors).astype(np.uint64))
+
+
+def test_neighbour_graphs_are_regular():
+    names = [f"n{i}" for i in range(20)]
+    for k in (2, 3, 4, 7):
+        g = neighbour_graph(names, k)
+        assert all(len(g[a]) == k and a not in g[a] for a in names)
+    assert all(len(p) == 19 for p in neighbour_graph(names, 0).values())
+
+
+def test_a_single_masked_vector_looks_uniform():
+    h = Harness(n=10, dim=20_000)
+    h.run()
+    masked = h.seen[h.names[0]][2].masked.astype(np.int64)
+    bits = h.params.bits
+    counts = np.bincount(masked >> (bits - 6), minlength=64)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    # while the input itself is far from uniform (all inputs are near the middle of the range)
+    assert np.corrcoef(masked, h.ks[h.names[0]])[0, 1] < 0.05
+
+
+def test_a_tampered_share_is_counted_and_the_round_still_completes():
+    h = Harness(n=6)
+    srv = h.srv
+    out = [(a, h.clients[a].advertise()) for a in h.names]
+    pubs = [p for a, m in out for p in srv.receive(a, m, 0.0)]
+    shares = [(p.topic.split("/")[-2], M.decode(p.payload, fed=FED, kinds=M.SERVER_KINDS)) for p in pubs]
+    pubs = []
+    for a, peers in shares:
+        msg = h.clients[a].on_peers(peers)
+        if a == h.names[0]:  # one sealed share, to d01, is altered in transit
+            blob = msg.shares[h.names[1]]
+            msg.shares[h.names[1]] = blob[:-1] + bytes([blob[-1] ^ 0x55])
+        pubs += srv.receive(a, msg, 0.0)
+    routes = [(p.topic.split("/")[-2], M.decode(p.payload, fed=FED, kinds=M.SERVER_KINDS)) for p in pubs]
+    pubs = []
+    for a, route in routes:
+        pubs += srv.receive(a, h.clients[a].on_route(route), 0.0)
+    assert h.clients[h.names[1]].problems == [("bad_ciphertext", f"share from {h.names[0]}")]
+    reqs = [(p.topic.split("/")[-2], M.decode(p.payload, fed=FED, kinds=M.SERVER_KINDS)) for p in pubs]
+    for a, req in reqs:
+        srv.receive(a, h.clients[a].on_unmask_req(req), 0.0)
+    assert srv.stage == "done" and np.array_equal(srv.sum_int, sum(h.ks.values()).astype(np.uint64))
+
+
+def _state(srv):
+    return (srv.stage, dict(srv.keys), {k: dict(v) for k, v in srv.shares.items()}, set(srv.masked_from),
+            None if srv.total is None else srv.total.copy(), set(srv.responded))
+
+
+def _same(a, b):
+    return all((np.array_equal(x, y) if isinstance(x, np.ndarray) or isinstance(y, np.ndarray) else x == y)
+               for x, y in zip(a, b))
+
+
+def test_hostile_messages_are_refused_with_a_reason_and_change_nothing():
+    h = Harness(n=6, dim=50)
+    srv = h.srv
+    a, b = h.names[0], h.names[1]
+    keys = h.clients[a].advertise()
+    hostile = [
+        (a, M.SAKeys(FED, 1, 0, a, keys.c_pk, keys.c_pk), "bad_key"),           # both keys the same
+        (a, M.SAKeys(FED, 2, 0, a, keys.c_pk, keys.s_pk), "wrong_round"),        # keys for another round
+        ("zz", M.SAKeys(FED, 1, 0, "zz", keys.c_pk, keys.s_pk), "not_selected"),
+        (a, M.SAShares(FED, 1, 0, a, {}), "wrong_stage"),
+        (a, M.SAMasked(FED, 1, 0, a, np.zeros(50, "<u4")), "wrong_stage"),
+    ]
+    for agent, msg, reason in hostile:
+        before = _state(srv)
+        with pytest.raises(SecAggReject) as exc:
+            srv.receive(agent, msg, 0.0)
+        assert exc.value.reason == reason and _same(before, _state(srv))
+    # a malformed key never gets past the codec
+    with pytest.raises(wire.WireError) as wexc:
+        M.decode(M.encode(M.SAKeys(FED, 1, 0, a, b"short", keys.s_pk)), fed=FED, kinds=M.DEVICE_KINDS)
+    assert wexc.value.reason == "bad_key"
+
+    # run the keys and shares stages, then send hostile masked inputs and unmask messages
+    pubs = [p for x in h.names for p in srv.receive(x, h.clients[x].advertise(), 0.0)]
+    peers = {p.topic.split("/")[-2]: M.decode(p.payload, fed=FED, kinds=M.SERVER_KINDS) for p in pubs}
+    pubs = [p for x in h.names for p in srv.receive(x, h.clients[x].on_peers(peers[x]), 0.0)]
+    routes = {p.topic.split("/")[-2]: M.decode(p.payload, fed=FED, kinds=M.SERVER_KINDS) for p in pubs}
+    masked = {x: h.clients[x].on_route(routes[x]) for x in h.names}
+    too_big = masked[a].masked.copy()
+    too_big[0] = 2 ** srv.params.bits  # out of range of the modulus
+    for msg, reason in [(M.SAMasked(FED, 1, 0, a, masked[a].masked[:-1]), "bad_length"),
+                        (M.SAMasked(FED, 1, 0, a, too_big), "out_of_range"),
+                        (M.SAMasked(FED, 1, 1, a, masked[a].masked), "wrong_round")]:
+        before = _state(srv)
+        with pytest.raises(SecAggReject) as exc:
+            srv.receive(a, msg, 0.0)
+        assert exc.value.reason == reason and _same(before, _state(srv))
+    pubs = []
+    for x in h.names[:-1]:
+        pubs += srv.receive(x, masked[x], 0.0)
+    with pytest.raises(SecAggReject) as exc:
+        srv.receive(a, masked[a], 0.0)
+    assert exc.value.reason == "duplicate"
+    pubs += srv.agent_offline(h.names[-1], 0.0)  # the last one dropped after sharing: its key is needed
+    reqs = {p.topic.split("/")[-2]: M.decode(p.payload, fed=FED, kinds=M.SERVER_KINDS) for p in pubs}
+    honest = h.clients[a].on_unmask_req(reqs[a])
+    # a device sending both kinds of shares for one device
+    owner = next(iter(honest.self_shares))
+    both = M.SAUnmask(FED, 1, 0, a, self_shares=honest.self_shares, key_shares={owner: honest.self_shares[owner]})
+    before = _state(srv)
+    with pytest.raises(SecAggReject) as exc:
+        srv.receive(a, both, 0.0)
+    assert exc.value.reason == "both_shares" and _same(before, _state(srv))
+    # and a device never hands out both: asking it for the other share of a device it revealed is refused
+    with pytest.raises(SecAggError) as cexc:
+        h.clients[a].on_unmask_req(M.SAUnmaskReq(FED, 1, 0, [], [owner]))
+    assert cexc.value.reason in ("wrong_stage", "both_shares")
+    # the rest of the round completes with the honest messages
+    for x in h.names[:-1]:
+        srv.receive(x, honest if x == a else h.clients[x].on_unmask_req(reqs[x]), 0.0)
+    assert srv.stage == "done"
+    assert np.array_equal(srv.sum_int, sum(h.ks[x] for x in h.names[:-1]).astype(np.uint64))
+
+
+def test_a_device_refuses_a_request_for_both_shares_of_one_peer():
+    h = Harness(n=4, dim=10)
+    c = h.clients[h.names[0]]
+    c.stage, c.maskers = "masked", h.names[1:]
+    with pytest.raises(SecAggError) as exc:
+        c.on_unmask_req(M.SAUnmaskReq(FED, 1, 0, [h.names[1]], [h.names[1]]))
+    assert exc.value.reason == "both_shares" and c.stage == "masked"
