@@ -40,20 +40,15 @@ from edge_agent.secagg.messages import (
 )
 from edge_agent.secagg.quantize import dequantize_sum
 from edge_agent.topics import Topics
-from edge_agent.wire import SecAggParams
+from edge_agent.wire import SecAggParams, WireError
 
 log = logging.getLogger(__name__)
 
 STAGES = ("keys", "shares", "masked", "unmask", "done", "aborted")
 
 
-class SecAggReject(ValueError):
-    """A message dropped by the round; ``reason`` is a short code for counters."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class SecAggReject(WireError):
+    """A message dropped by the round, with a short ``reason`` for counters (as for any bad payload)."""
 
 
 def default_threshold(peers: int) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -34,22 +33,14 @@ from edge_agent.secagg.client import SecAggClient
 from edge_agent.secagg.quantize import levels
 from edge_agent.topics import Topics
 
-from .conftest import WAIT_S, RawClient
+from .conftest import WAIT_S
+from .test_durability import start_aggregator_process, wait_until
 
 pytestmark = pytest.mark.broker
 
-FEDMQTT = str(Path(sys.executable).parent / "fedmqtt")
 N_FEATURES = 19  # linear model: 20 parameters
 QBITS, RANGE = 16, 1.0
 STAGES = {M.SAPeers: 2, M.SARoute: 3, M.SAUnmaskReq: 4}  # the stage each inbox message starts
-
-
-def wait_until(cond, timeout: float = WAIT_S, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def grid_update(name: str, attempt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,15 +261,14 @@ def test_aggregator_killed_at_each_stage_aborts_the_round_and_reruns_it_exactly(
     watcher = raw_client()
     watcher.subscribe(Topics(fed).model)
     devices = [SADevice(broker, fed, f"d{i:02d}", hold_at=hold_at) for i in range(5)]
-    cmd = [FEDMQTT, "aggregator", "--config", str(toml), "--broker", broker.address]
-    agg = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agg = start_aggregator_process(toml, broker)
     try:
         for d in devices:
             assert d.held.wait(WAIT_S), f"{d.name} never reached stage {hold_at}"
         assert any(r["type"] == "open" for r in JournalFile(state).load())
         agg.send_signal(signal.SIGKILL)
         agg.wait(10)
-        agg = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        agg = start_aggregator_process(toml, broker)
         out, _ = agg.communicate(timeout=WAIT_S * 2)
         assert agg.returncode == 0, out
         assert "restarted during secure aggregation" in out
