@@ -325,3 +325,41 @@ def test_a_device_refuses_a_request_for_both_shares_of_one_peer():
     with pytest.raises(SecAggError) as exc:
         c.on_unmask_req(M.SAUnmaskReq(FED, 1, 0, [h.names[1]], [h.names[1]]))
     assert exc.value.reason == "both_shares" and c.stage == "masked"
+
+
+def test_a_real_agent_counts_a_tampered_share_by_reason_and_still_sends_its_masked_input():
+    from edge_agent.agent import AgentCore
+    from edge_agent.data import LocalData
+    from edge_agent.models import Model
+    from edge_agent.mqtt import Publish
+    from edge_agent.spec import ModelSpec
+    from edge_agent.topics import Topics
+
+    topics, spec = Topics(FED), ModelSpec("linear", 3, 1)
+    names = ["a0", "a1", "a2"]
+    params = round_params("secagg", 3, 0, 0, QBITS, RANGE, 0.0)  # t = 2 of 2 peers
+    X = np.ones((8, 3), np.float32)
+    core = AgentCore("a0", FED, LocalData(X, np.ones(8, np.float32), X[:0], np.zeros(0, np.float32)))
+    p0 = Model(spec).init_params(0)
+    model = wire.ModelMsg(FED, 0, wire.params_version(p0), spec, p0)
+    core.receive(topics.model, wire.encode(model))
+    out = core.receive(topics.task, wire.encode(wire.TaskMsg(FED, 1, model.version, "open", 0, 0.0, names,
+                                                             wire.TrainConfig(1, 4, 0.1), secagg=params)))
+    [train] = [a for a in out if not isinstance(a, Publish) and hasattr(a, "attempt")]
+    (keys_pub,) = [a for a in core.train(train.round, train.attempt) if isinstance(a, Publish)]
+    keys = {"a0": M.decode(keys_pub.payload, fed=FED, kinds=M.DEVICE_KINDS)}
+    others = {a: SecAggClient(FED, a, 1, 0, names, params, np.zeros(4)) for a in names[1:]}
+    keys.update({a: c.advertise() for a, c in others.items()})
+
+    def peers_of(a):
+        return M.SAPeers(FED, 1, 0, {b: (keys[b].c_pk, keys[b].s_pk) for b in names if b != a})
+
+    (shares_pub,) = core.receive(topics.inbox("a0"), M.encode(peers_of("a0")))
+    sealed = {a: c.on_peers(peers_of(a)).shares["a0"] for a, c in others.items()}
+    sealed["a1"] = sealed["a1"][:-1] + bytes([sealed["a1"][-1] ^ 1])  # altered in transit
+    out = core.receive(topics.inbox("a0"), M.encode(M.SARoute(FED, 1, 0, sealed)))
+    assert core.rejected["secagg_bad_ciphertext"] == 1
+    (masked_pub,) = out
+    assert M.decode(masked_pub.payload, fed=FED, kinds=M.DEVICE_KINDS).masked.shape == (4,)
+    # and a hostile inbox message is dropped with a reason, changing nothing
+    assert core.receive(topics.inbox("a0"), b"\x93garbage") == [] and core.rejected["secagg_not_msgpack"] == 1
