@@ -349,3 +349,22 @@ def test_a_device_stops_publishing_its_sample_count_once_it_sees_a_dp_task():
                                                         wire.TrainConfig(clip_norm=1.0, dp_mode="central"))))
     (status,) = [a for a in out if isinstance(a, Publish) and a.topic == T.status("a0")]
     assert wire.decode(status.payload, expect="status").num_samples == 0
+
+
+@pytest.mark.parametrize("sigma", [0.7, 3.0])
+def test_discrete_gaussian_has_the_pmf_of_canonne_kamath_steinke(sigma):
+    from scipy import stats
+
+    x = dp.discrete_gaussian(sigma, 300_000)
+    ks = np.arange(-int(6 * sigma) - 1, int(6 * sigma) + 2)
+    pmf = np.exp(-ks.astype(float) ** 2 / (2 * sigma * sigma))
+    pmf /= pmf.sum()
+    observed = np.array([(x == k).sum() for k in ks])
+    assert observed.sum() == x.size  # nothing beyond 6 sigma at this sample size
+    assert stats.chisquare(observed, pmf * x.size).pvalue > 1e-4
+    assert x.dtype == np.int64
+
+
+def test_discrete_gaussian_at_a_large_scale_has_the_variance_asked_for():
+    x = dp.discrete_gaussian(1e7, 100_000).astype(np.float64)
+    assert abs(x.std() / 1e7 - 1) < 5 / math.sqrt(2 * x.size) and abs(x.mean()) < 5e7 / math.sqrt(x.size)
