@@ -278,6 +278,27 @@ class SecAggConfig:
         return out
 
 
+# A draw too small to aggregate securely releases nothing, which tells the
+# draw was small: its probability must be a small share of delta.
+SMALL_DRAW_DELTA_SHARE = 10.0
+
+
+def _secagg_small_draw_probability(cfg: "AggregatorConfig") -> float | None:
+    """P(a Poisson draw selects fewer devices than secure aggregation needs), or None without a population.
+
+    Worst case: the draw is made from the fewest candidates a round opens
+    with, ``[round] min_agents``.
+    """
+    p = cfg.privacy
+    if not p.population:
+        return None
+    expected = p.expected_per_round or cfg.round.agents_per_round
+    q = min(1.0, expected / p.population)
+    n = cfg.round.min_agents
+    need = 3 if cfg.secagg.threshold < 1 else int(cfg.secagg.threshold) + 1
+    return sum(math.comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(min(need, n + 1)))
+
+
 PRIVACY_MODES = ("off", "central", "local", "distributed")
 PLD_MIN_NOISE = 0.3
 
@@ -429,9 +450,20 @@ class AggregatorConfig:
             if self.strategy.name not in SECAGG_STRATEGIES:
                 out.append(("secagg.mode", f"strategy {self.strategy.name!r} looks at single updates, which secure "
                             f"aggregation hides; use one of {', '.join(SECAGG_STRATEGIES)}"))
-            if p.enabled:
-                out.append(("secagg.mode", "differential privacy on top of secure aggregation (distributed discrete "
-                            "Gaussian) is not implemented yet: set [privacy] mode = off"))
+            if p.enabled and p.mode != "distributed":
+                out.append(("privacy.mode", "with secure aggregation the devices add the noise inside the masked "
+                            "sum: use mode = distributed (the distributed discrete Gaussian)"))
+            if p.enabled and p.adaptive_clip:
+                out.append(("privacy.adaptive_clip", "is not available with secure aggregation (the clipped count "
+                            "would have to be aggregated securely too)"))
+            if p.enabled and p.mode == "distributed":
+                small = _secagg_small_draw_probability(self)
+                if small is None:
+                    out.append(("privacy.population", "distributed DP with secure aggregation needs the population"))
+                elif small > p.delta / SMALL_DRAW_DELTA_SHARE:
+                    out.append(("round.min_agents", f"a Poisson draw from {self.round.min_agents} online devices is "
+                                f"too small for secure aggregation with probability {small:.2g}, above "
+                                f"delta/{SMALL_DRAW_DELTA_SHARE:g}: raise min_agents or expected_per_round"))
             if sa.threshold >= 1 and self.round.min_agents < sa.threshold + 1:
                 out.append(("round.min_agents", f"secure aggregation with threshold {sa.threshold:g} needs at least "
                             f"{int(sa.threshold) + 1} agents per round"))

@@ -66,6 +66,8 @@ PACE_WINDOW = 5
 # metrics message must stay within the codec's map limit).
 AGENT_METRIC_PREFIXES = ("eval_", "train_")
 MAX_AGENT_METRICS = 32
+# Secure aggregation needs a threshold t >= 2 of a device's peers and t + 1 devices.
+MIN_SECAGG_DEVICES = 3
 # What a DP federation's metrics message publishes besides test_* (central
 # evaluation): the privacy figures and the released clip norm.
 PUBLIC_DP_METRICS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "clip")
@@ -215,7 +217,10 @@ class Coordinator:
             from .privacy import PrivacyEngine
 
             self.privacy = PrivacyEngine(config, (state or {}).get("privacy"))
-            self.strategy = self.privacy.wrap(strategy)
+            if not config.secagg.enabled:
+                # (with secure aggregation the devices add the noise inside
+                # the masked sum: the distributed discrete Gaussian)
+                self.strategy = self.privacy.wrap(strategy)
         self.run = run
         # A run id that no checkpoint holds yet: start() saves it before any
         # message carries it.
@@ -463,11 +468,14 @@ class Coordinator:
             return actions
         if sa.stage == "aborted":
             self.rejected["secagg_aborted"] += 1
+            if self.privacy is not None:
+                self.privacy.charge(o.q, released=False)  # drawn, so charged
             return actions + self._abandon(now, f"secure aggregation aborted: {sa.why}")
         if sa.stage != "done":
             return actions
         contributors = sorted(sa.contributors)
-        mean = sa.result / len(contributors)
+        # Under DP the fixed denominator (expected devices), as in DP-FedAvg.
+        mean = sa.result / (self.privacy.expected if self.privacy is not None else len(contributors))
         delta, offset = {}, 0
         for name, shape in self.spec.param_shapes().items():
             size = math.prod(shape)
@@ -551,10 +559,20 @@ class Coordinator:
         sa_params = None
         if self.config.secagg.enabled:
             sa_params = self._secagg_params(len(selected))
-            if sa_params.threshold + 1 > len(selected):
-                log.info("secure aggregation needs %d selected devices (threshold %d + 1), %d eligible",
-                         sa_params.threshold + 1, sa_params.threshold, len(selected))
+            if sa_params.threshold + 1 > len(selected) or len(selected) < MIN_SECAGG_DEVICES:
+                log.info("secure aggregation needs %d selected devices (threshold %d + 1), %d selected",
+                         max(MIN_SECAGG_DEVICES, sa_params.threshold + 1), sa_params.threshold, len(selected))
+                if self.privacy is not None:
+                    # The draw happened: charge it (config validation keeps its
+                    # probability far below delta), then draw again next tick.
+                    self.rejected["secagg_draw_too_small"] += 1
+                    self.privacy.charge(q, released=False)
                 return []
+            if self.privacy is not None:
+                from .secagg import ddg_params
+
+                sa_params = ddg_params(sa_params, len(selected), self.spec.num_params(), self.privacy.clip,
+                                       self.privacy.noise_multiplier)
         self._open_round(self.round + 1, self.attempt, selected, target, now, deadline)
         self.open.q = q
         if sa_params is not None:
@@ -711,6 +729,8 @@ class Coordinator:
         assert o is not None
         t = self.config.training
         clip_norm, noise_std, count_std = self.privacy.task_noise() if self.privacy is not None else (0.0, 0.0, 0.0)
+        if self.secagg is not None:
+            noise_std = 0.0  # the noise is added inside secure aggregation (task.secagg.dp_sigma)
         task = wire.TaskMsg(
             fed=self.config.federation,
             round=o.round,

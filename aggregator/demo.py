@@ -159,9 +159,11 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 secagg=SecAggConfig(mode=opts.secagg, range=opts.secagg_range, stage_timeout=ROUND_TIMEOUT_S),
                 broker=bcfg,
             )
-            if opts.dp != "off":
+            if opts.dp != "off" and opts.secagg == "off":
                 # DP rounds select by Poisson sampling; quorum 1 and a short
                 # deadline keep a round whose draw came up small moving.
+                # (With secure aggregation every agent must be online before
+                # a draw, or small draws would be charged and wasted.)
                 config.round.min_agents = 1
             model = Model(config.model.spec())
             agg_loop = Loop()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent.mqtt import Publish
-from edge_agent.secagg import crypto, shamir
+from edge_agent.secagg import crypto, rotation, shamir
 from edge_agent.secagg.client import context, mask_sign, pairwise_mask
 from edge_agent.secagg.messages import (
     Message, SAKeys, SAMasked, SAPeers, SARoute, SAShares, SAUnmask, SAUnmaskReq, encode,
@@ -91,6 +91,7 @@ class SecAggRound:
     deadline: float  # of the current stage
     stage_timeout: float
     peers: dict[str, set[str]]
+    model_dim: int = 0  # parameters of the model (dim is padded to a power of two under DP)
     stage: str = "keys"
     why: str = ""
     keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # U1
@@ -111,6 +112,7 @@ class SecAggRound:
         self.point = {a: i + 1 for i, a in enumerate(self.selected)}
         self.ctx = context(self.fed, self.round, self.attempt)
         self.mod = np.uint64((1 << self.params.bits) - 1)
+        self.model_dim = self.model_dim or self.dim
 
     @property
     def contributors(self) -> set[str]:
@@ -295,8 +297,15 @@ class SecAggRound:
         except crypto.CryptoError as exc:
             return self._abort(f"cannot recompute a mask: {exc}")
         total &= self.mod
-        self.sum_int = total  # the exact integer sum of the contributors' quantized inputs
-        self.result = dequantize_sum(total, len(u3), p.range, p.qbits)
+        self.sum_int = total  # the exact integer sum of the contributors' quantized inputs (mod 2^bits)
+        if p.dp_sigma > 0:
+            # Distributed DP: the sum of signed noised integers, lifted from
+            # mod 2^bits to [-2^(bits-1), 2^(bits-1)), back to real units.
+            signed = total.astype(np.int64)
+            signed[signed >= 1 << (p.bits - 1)] -= 1 << p.bits
+            self.result = rotation.unrotate(signed * p.dp_gamma, bytes.fromhex(p.rotation_seed), self.model_dim)
+        else:
+            self.result = dequantize_sum(total, len(u3), p.range, p.qbits)
         self.total = None
         self.stage = "done"
         log.info("secure aggregation of round %d attempt %d: sum of %d inputs (%d dropped after sharing keys)",
@@ -314,10 +323,55 @@ def _public_key(private: bytes) -> bytes:
 
 def make_round(fed: str, rnd: int, attempt: int, selected: list[str], params: SecAggParams, degree: int, dim: int,
                keys_deadline: float, stage_timeout: float) -> SecAggRound:
-    """A new round at its first stage; ``keys_deadline`` leaves the devices time to train first."""
-    return SecAggRound(fed=fed, round=rnd, attempt=attempt, selected=sorted(selected), params=params, dim=dim,
-                       deadline=keys_deadline, stage_timeout=stage_timeout,
+    """A new round at its first stage; ``keys_deadline`` leaves the devices time to train first.
+
+    ``dim`` is the model's parameter count; under DP the masked vectors have
+    its padded length.
+    """
+    wire_dim = rotation.padded_size(dim) if params.dp_sigma > 0 else dim
+    return SecAggRound(fed=fed, round=rnd, attempt=attempt, selected=sorted(selected), params=params, dim=wire_dim,
+                       model_dim=dim, deadline=keys_deadline, stage_timeout=stage_timeout,
                        peers=neighbour_graph(sorted(selected), degree))
+
+
+# Distributed DP: the noised sum must stay within ±2^(bits-1) per coordinate
+# or it wraps around the modulus. The grid is chosen so that this many
+# standard deviations of the signal-plus-noise fit: P(|N(0,1)| > 8) is about
+# 1e-15 per coordinate, negligible even over millions of coordinates.
+MODULAR_SAFETY_SIGMAS = 8.0
+# ... and the grid must be this much finer than the clip norm times the
+# rounding's norm growth sqrt(d'), or rounding would cost noticeable noise.
+MIN_GRID_RATIO = 1000.0
+DDG_BITS = 32  # the transport's uint32: the finest grid there is
+
+
+def ddg_params(base: SecAggParams, n_selected: int, dim: int, clip: float, noise_multiplier: float) -> SecAggParams:
+    """``base`` with the distributed discrete Gaussian worked out (Kairouz, Liu, Steinke 2021).
+
+    Every contributor is protected by the noise of at least t - 1 others
+    (fewer than t masked inputs abort the round), so each adds a discrete
+    Gaussian share of std z·Δ/sqrt(t - 1) grid steps, where Δ = S/γ + sqrt(d')
+    bounds the L2 norm of its rotated, scaled and rounded update. The grid
+    step γ is the finest for which n devices' signal (rotation spreads it:
+    about |x|/sqrt(d') per coordinate) plus the noise stay within
+    MODULAR_SAFETY_SIGMAS of the 2^31 half-range.
+    """
+    t = base.threshold
+    if t < 2:
+        raise ValueError("distributed DP needs a secure-aggregation threshold of at least 2")
+    d_pad = rotation.padded_size(dim)
+    k, z, n = MODULAR_SAFETY_SIGMAS, noise_multiplier, n_selected
+    root_d, share = math.sqrt(d_pad), z / math.sqrt(t - 1)
+    half_range = 2.0 ** (DDG_BITS - 1)
+    a = (half_range - k * math.sqrt(n) * share * root_d) / (k * (n / root_d + math.sqrt(n) * share))
+    if a < MIN_GRID_RATIO * root_d:
+        raise ValueError(f"{n} devices and {dim} parameters do not fit a {DDG_BITS}-bit sum with noise "
+                         f"multiplier {z:g}: select fewer devices per round")
+    gamma = clip / a
+    sensitivity = a + root_d
+    return SecAggParams(mode=base.mode, threshold=t, qbits=base.qbits, bits=DDG_BITS, range=base.range,
+                        clip=base.clip, dp_sigma=share * sensitivity, dp_gamma=gamma, dp_clip=clip,
+                        rotation_seed=secrets.token_hex(32))
 
 
 def round_params(mode: str, n_selected: int, degree: int, threshold: float, qbits: int, value_range: float,

@@ -140,6 +140,7 @@ class ModelMsg:
 
 
 SECAGG_MODES = ("secagg", "secagg+")
+_HEX_SEED = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -152,6 +153,16 @@ class SecAggParams:
     bits: int  # modulus 2^bits of the masked sum (qbits + ceil(log2 n): the sum never wraps)
     range: float  # coordinates are clamped to [-range, range] before quantization
     clip: float = 0.0  # the whole update is first clipped to this L2 norm (0: no clipping)
+    # Distributed DP (Kairouz, Liu, Steinke 2021), all 0/empty when off: the
+    # update is clipped to dp_clip, rotated (randomized Hadamard, public
+    # rotation_seed, 64 hex digits), divided by the grid step dp_gamma,
+    # stochastically rounded to integers, and discrete Gaussian noise of std
+    # dp_sigma (grid steps) is added before masking; masked vectors then have
+    # the padded length (the next power of two).
+    dp_sigma: float = 0.0
+    dp_gamma: float = 0.0
+    dp_clip: float = 0.0
+    rotation_seed: str = ""
 
 
 @dataclass
@@ -581,14 +592,23 @@ def decode(
 
 
 def _secagg_map(p: SecAggParams) -> dict[str, Any]:
-    return {"mode": p.mode, "threshold": p.threshold, "qbits": p.qbits, "bits": p.bits, "range": float(p.range),
-            "clip": float(p.clip)}
+    m = {"mode": p.mode, "threshold": p.threshold, "qbits": p.qbits, "bits": p.bits, "range": float(p.range),
+         "clip": float(p.clip)}
+    if p.dp_sigma > 0:
+        m.update(dp_sigma=float(p.dp_sigma), dp_gamma=float(p.dp_gamma), dp_clip=float(p.dp_clip),
+                 rotation_seed=p.rotation_seed)
+    return m
 
 
 def _secagg_params(m: dict) -> SecAggParams:
     r = _Reader(m, "task.secagg")
     p = SecAggParams(mode=r.text("mode"), threshold=r.pos_int("threshold"), qbits=r.pos_int("qbits"),
                      bits=r.pos_int("bits"), range=r.pos_float("range"), clip=r.nonneg_float("clip"))
+    if "dp_sigma" in m:
+        p.dp_sigma, p.dp_gamma, p.dp_clip = r.pos_float("dp_sigma"), r.pos_float("dp_gamma"), r.pos_float("dp_clip")
+        p.rotation_seed = r.text("rotation_seed")
+        if not _HEX_SEED.match(p.rotation_seed):
+            raise WireError("bad_field", "task.secagg.rotation_seed must be 64 hex digits")
     if p.mode not in SECAGG_MODES:
         raise WireError("bad_field", f"task.secagg.mode must be one of {SECAGG_MODES}, got {p.mode!r}")
     if not p.qbits <= p.bits <= 32:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import itertools
 import math
 
+import dp_accounting as dpa
 import numpy as np
 import pytest
+from dp_accounting import rdp
 from scipy import stats
 
 from aggregator.secagg import SecAggReject, make_round, neighbour_graph, round_params
@@ -363,3 +365,70 @@ def test_a_real_agent_counts_a_tampered_share_by_reason_and_still_sends_its_mask
     assert M.decode(masked_pub.payload, fed=FED, kinds=M.DEVICE_KINDS).masked.shape == (4,)
     # and a hostile inbox message is dropped with a reason, changing nothing
     assert core.receive(topics.inbox("a0"), b"\x93garbage") == [] and core.rejected["secagg_not_msgpack"] == 1
+
+
+# -- distributed DP inside secure aggregation (distributed discrete Gaussian) ---------------
+
+def test_the_randomized_hadamard_rotation_keeps_norms_and_inverts():
+    from edge_agent.secagg.rotation import padded_size, rotate, unrotate
+
+    x = np.random.default_rng(1).normal(size=1000)
+    y = rotate(x, bytes(range(32)))
+    assert y.size == padded_size(1000) == 1024
+    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
+    np.testing.assert_allclose(unrotate(y, bytes(range(32)), 1000), x, atol=1e-12)
+    spike = np.zeros(1000)
+    spike[7] = 1.0  # the rotation spreads a spike over every coordinate
+    assert np.abs(rotate(spike, bytes(32))).max() == pytest.approx(1 / 32)
+
+
+def _ddg_harness(n=10, dim=2000, z=1.0, clip=1.0):
+    from aggregator.secagg import ddg_params
+
+    h = Harness(n=n, dim=dim)
+    h.params = ddg_params(h.params, n, dim, clip, z)
+    h.srv = make_round(FED, 1, 0, h.names, h.params, 0, dim, 100.0, 10.0)
+    rng = np.random.default_rng(3)
+    h.xs = {a: rng.normal(size=dim) for a in h.names}  # norm ~45: clipped to the clip norm
+    h.clients = {a: SecAggClient(FED, a, 1, 0, h.names, h.params, h.xs[a]) for a in h.names}
+    return h
+
+
+@pytest.mark.parametrize("drop_after", [None, 2, 3])
+def test_distributed_discrete_gaussian_noise_protects_each_contributor_by_z_s_from_the_others(drop_after):
+    z, clip = 1.0, 1.0
+    h = _ddg_harness(z=z, clip=clip)
+    srv = h.run({a: drop_after for a in h.names[:3]} if drop_after else None)
+    assert srv.stage == "done"
+    contributors = sorted(srv.contributors)
+    clipped = {a: h.xs[a] * min(1.0, clip / np.linalg.norm(h.xs[a])) for a in contributors}
+    noise = srv.result - sum(clipped.values())
+    c, p = len(contributors), h.params
+    # the released noise is c discrete Gaussian shares of dp_sigma grid steps, in real units
+    measured = float(noise.std())
+    assert abs(measured / (math.sqrt(c) * p.dp_sigma * p.dp_gamma) - 1) < 5 / math.sqrt(2 * noise.size)
+    # what protects one contributor is the other c - 1 shares: at least z times its sensitivity, with
+    # the sensitivity measured as the largest norm of one device's rounded grid vector (in real units)
+    others = measured * math.sqrt((c - 1) / c)
+    assert others >= z * clip * (1 - 5 / math.sqrt(2 * noise.size))
+
+
+def test_the_kls_bound_for_these_parameters_is_the_gaussian_that_is_accounted():
+    """Kairouz, Liu, Steinke 2021, Thm 1: the sum of discrete Gaussians is 1/2 eps^2-concentrated DP with
+    eps^2 = Delta^2 / (m sigma^2) + tau d / 2 (tau = 10 sum_k exp(-2 pi^2 sigma^2 k / (k+1))); dp-accounting's
+    Gaussian mechanism of the same sigma / Delta has RDP alpha / (2 z^2): the same curve when tau is negligible."""
+    from aggregator.secagg import ddg_params
+    from edge_agent.secagg.rotation import padded_size
+
+    for n, dim, z in [(10, 2000, 1.0), (100, 100_000, 0.7), (50, 650, 2.0)]:
+        p = ddg_params(round_params("secagg", n, 0, 0, QBITS, RANGE, 0.0), n, dim, 1.0, z)
+        d_pad = padded_size(dim)
+        delta2 = 1.0 / p.dp_gamma + math.sqrt(d_pad)  # the bound on a rounded grid vector's norm
+        m = p.threshold - 1  # the fewest other contributors: fewer than t masked inputs abort
+        tau = 10 * sum(math.exp(-2 * math.pi ** 2 * p.dp_sigma ** 2 * k / (k + 1)) for k in range(1, m))
+        eps2 = delta2 ** 2 / (m * p.dp_sigma ** 2) + tau * d_pad / 2
+        assert tau == 0.0  # exp(-2 pi^2 sigma^2 k/(k+1)) with sigma ~ 1e7 grid steps underflows to 0
+        acc = rdp.RdpAccountant()
+        acc.compose(dpa.GaussianDpEvent(math.sqrt(m) * p.dp_sigma / delta2))
+        np.testing.assert_allclose(acc.rdp, acc.orders * eps2 / 2, rtol=1e-9)
+        assert eps2 == pytest.approx(1 / z ** 2, rel=1e-9)  # and it is the z the accountant charges

@@ -296,3 +296,36 @@ def test_the_demo_with_real_agents_and_secure_aggregation(tmp_path):
     result = run_demo(DemoOptions(agents=10, rounds=10, secagg="secagg+", out=str(tmp_path / "o")), out)
     assert len(result.rounds) == 10 and all(s.participants == 10 for s in result.rounds)
     assert result.final_accuracy > 0.85, out.getvalue()
+
+
+def test_the_demo_with_secure_aggregation_and_distributed_dp_reports_the_accounted_epsilon(tmp_path):
+    from aggregator.accounting import epsilon_for
+    from aggregator.demo import DemoOptions, run_demo
+
+    out = io.StringIO()
+    result = run_demo(DemoOptions(agents=40, rounds=6, secagg="secagg", dp="distributed", noise=1.0, expected=20,
+                                  out=str(tmp_path / "o")), out)
+    eps = [s.metrics["epsilon"] for s in result.rounds]
+    assert len(eps) == 6 and eps == sorted(eps)
+    # every drawn round is charged; all 40 agents are online before the first draw, so none is too small
+    assert eps[-1] == pytest.approx(epsilon_for(40, 20, 6, 1.0, 1e-5), rel=1e-6)
+    assert result.final_accuracy > 0.15  # learns through the noise (chance is 0.1)
+
+
+def test_secure_aggregation_config_errors_name_the_key():
+    from edge_agent.config import ConfigError, from_dict
+
+    base = {"secagg": {"mode": "secagg"}, "round": {"min_agents": 100}}
+    with pytest.raises(ConfigError, match="privacy.mode"):
+        from_dict(AggregatorConfig, {**base, "privacy": {"mode": "central", "expected_per_round": 50,
+                                                         "population": 100}})
+    with pytest.raises(ConfigError, match="round.min_agents"):  # draws too small too often
+        from_dict(AggregatorConfig, {**base, "privacy": {"mode": "distributed", "expected_per_round": 3,
+                                                         "population": 100}})
+    with pytest.raises(ConfigError, match="secagg.mode"):
+        from_dict(AggregatorConfig, {**base, "strategy": {"name": "median"}})
+    with pytest.raises(ConfigError, match="secagg.bits"):
+        from_dict(AggregatorConfig, {"secagg": {"mode": "secagg", "bits": 30}})
+    cfg = from_dict(AggregatorConfig, {**base, "privacy": {"mode": "distributed", "expected_per_round": 50,
+                                                           "population": 100}})
+    assert cfg.secagg.mode == "secagg"

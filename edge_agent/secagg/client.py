@@ -21,7 +21,8 @@ import msgpack
 import numpy as np
 
 from ..wire import SecAggParams
-from . import crypto, shamir
+from ..dp import discrete_gaussian
+from . import crypto, rotation, shamir
 from .messages import SAKeys, SAMasked, SAPeers, SARoute, SAShares, SAUnmask, SAUnmaskReq
 from .quantize import quantize
 
@@ -148,13 +149,8 @@ class SecAggClient:
         # mask with each of them, whether or not its share opened.
         self.maskers = sorted(msg.sealed)
         p = self.params
-        update = self.update
-        if p.clip > 0:
-            norm = float(np.linalg.norm(update))
-            if norm > p.clip:
-                update = update * (p.clip / norm)
-        n = update.size
-        y = quantize(update, p.range, p.qbits, np.asarray(crypto_uniform(n)))
+        y = self._noised_integers() if p.dp_sigma > 0 else self._quantized()
+        n = y.size
         y = y + crypto.expand_mask(self.b_seed, n, p.bits)
         for peer in self.maskers:
             mask = pairwise_mask(self.s_sk, self.peers[peer][1], self.ctx, n, p.bits)
@@ -163,6 +159,26 @@ class SecAggClient:
         self.update = np.empty(0)  # not needed any more: keep no copy of the clear update
         self.stage = "masked"
         return SAMasked(self.fed, self.round, self.attempt, self.agent, y.astype("<u4"))
+
+    def _quantized(self) -> np.ndarray:
+        """The update clipped and quantized to [0, 2^qbits) (no DP)."""
+        p = self.params
+        update = _clip(self.update, p.clip)
+        return quantize(update, p.range, p.qbits, np.asarray(crypto_uniform(update.size)))
+
+    def _noised_integers(self) -> np.ndarray:
+        """Distributed discrete Gaussian (Kairouz, Liu, Steinke 2021): this device's noised integer vector mod 2^bits.
+
+        Clip to dp_clip, rotate, scale to the grid, round stochastically
+        (each coordinate moves by less than 1, so the L2 norm grows by less
+        than sqrt(d')), then add this device's discrete Gaussian share.
+        """
+        p = self.params
+        v = rotation.rotate(_clip(self.update, p.dp_clip), bytes.fromhex(p.rotation_seed)) / p.dp_gamma
+        low = np.floor(v)
+        w = low.astype(np.int64) + (np.asarray(crypto_uniform(v.size)) < (v - low))
+        w += discrete_gaussian(p.dp_sigma, v.size)
+        return np.mod(w, 1 << p.bits).astype(np.uint64)
 
     def on_unmask_req(self, msg: SAUnmaskReq) -> SAUnmask:
         """Stage 4: self-mask shares of survivors, key shares of dropouts; never both for one device."""
@@ -180,6 +196,14 @@ class SecAggClient:
         return SAUnmask(self.fed, self.round, self.attempt, self.agent,
                         self_shares={a: self.held[a][1] for a in sorted(survivors) if a in self.held},
                         key_shares={a: self.held[a][0] for a in sorted(dropped) if a in self.held})
+
+
+def _clip(update: np.ndarray, norm_bound: float) -> np.ndarray:
+    if norm_bound > 0:
+        norm = float(np.linalg.norm(update))
+        if norm > norm_bound:
+            return update * (norm_bound / norm)
+    return update
 
 
 def crypto_uniform(n: int) -> np.ndarray:
