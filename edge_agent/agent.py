@@ -186,7 +186,7 @@ class AgentCore:
 
     def receive(self, topic: str, payload: bytes, props: dict[str, str] | None = None) -> list[Action]:
         """One message from the broker (with its MQTT v5 user properties); returns what to do about it."""
-        kind, _ = self.topics.parse(topic)
+        kind, addressee = self.topics.parse(topic)
         if not payload:
             return []  # a cleared retained message: nothing to act on
         if self.verifier is not None and kind in ("model", "task", "keys"):
@@ -195,6 +195,8 @@ class AgentCore:
             except SignatureError as exc:
                 return self._reject(exc.reason, str(exc))
         if kind == "inbox":
+            if addressee != self.agent_id:
+                return self._reject("not_for_us", f"{topic} is another device's inbox")
             return self._on_inbox(payload)
         try:
             if kind == "model":

@@ -269,7 +269,12 @@ def run_federation(
 
     def to_agents(pub: Publish) -> None:
         nonlocal straggling
-        kind, _ = topics.parse(pub.topic)
+        kind, addressee = topics.parse(pub.topic)
+        if kind == "inbox":  # secure aggregation: one agent's messages
+            for core in cores:
+                if core.agent_id == addressee:
+                    from_agent(core, core.receive(pub.topic, pub.payload))
+            return
         if kind not in ("model", "task"):
             return  # metrics / onnx: nobody in the simulation listens
         payload = pub.payload
