@@ -264,7 +264,8 @@ class Coordinator:
             # The round's secrets were in this process's memory only (and the
             # devices' keys were for it): nothing of it can be finished. It is
             # abandoned cleanly and re-run; no partial sum is ever published.
-            return actions + self._abandon(now, "the aggregator restarted during secure aggregation")
+            return actions + self._abandon(now, "the aggregator restarted during secure aggregation",
+                                           charge=self.privacy is not None)
         if self.open is not None:
             return actions + [self._task_publish(now)]
         opened = self._maybe_open(now)
@@ -468,9 +469,8 @@ class Coordinator:
             return actions
         if sa.stage == "aborted":
             self.rejected["secagg_aborted"] += 1
-            if self.privacy is not None:
-                self.privacy.charge(o.q, released=False)  # drawn, so charged
-            return actions + self._abandon(now, f"secure aggregation aborted: {sa.why}")
+            return actions + self._abandon(now, f"secure aggregation aborted: {sa.why}",
+                                           charge=self.privacy is not None)
         if sa.stage != "done":
             return actions
         contributors = sorted(sa.contributors)
@@ -564,9 +564,11 @@ class Coordinator:
                          max(MIN_SECAGG_DEVICES, sa_params.threshold + 1), sa_params.threshold, len(selected))
                 if self.privacy is not None:
                     # The draw happened: charge it (config validation keeps its
-                    # probability far below delta), then draw again next tick.
+                    # probability far below delta), journaled so a restart
+                    # still counts it, then draw again next tick.
                     self.rejected["secagg_draw_too_small"] += 1
                     self.privacy.charge(q, released=False)
+                    return [Journal({"type": "charge", "round": self.round + 1, "q": q, "at": now})]
                 return []
             if self.privacy is not None:
                 from .secagg import ddg_params
@@ -594,9 +596,12 @@ class Coordinator:
         self.secagg = None
         self.strategy.begin(self.params)
 
-    def _abandon(self, now: float, why: str, replay: bool = False) -> list[Action]:
+    def _abandon(self, now: float, why: str, replay: bool = False, charge: bool = False) -> list[Action]:
+        """Give up the open attempt; ``charge``: under DP it was drawn, so it is charged (PrivacyEngine.charge)."""
         o = self.open
         assert o is not None
+        if charge and self.privacy is not None:
+            self.privacy.charge(o.q, released=False)
         log.warning(
             "round %d attempt %d abandoned (%s): %d of %d selected reported, quorum %d",
             o.round, o.attempt, why, len(o.received), len(o.selected), self.config.round.quorum,
@@ -606,7 +611,8 @@ class Coordinator:
         self.attempt += 1
         actions: list[Action] = []
         if not replay:
-            actions.append(Journal({"type": "abandon", "round": o.round, "attempt": o.attempt, "at": now}))
+            actions.append(Journal({"type": "abandon", "round": o.round, "attempt": o.attempt, "at": now,
+                                    "charged": charge}))
         actions.append(RoundAbandoned(o.round, o.attempt, len(o.received), self.config.round.quorum))
         opened = self._maybe_open(now)
         return actions + (opened or [self._task_waiting(now)])
@@ -622,9 +628,7 @@ class Coordinator:
             # Every delta was finite, yet the sum overflowed float32: publishing
             # it would make every agent reject the model and stall the fleet.
             self.rejected["non_finite_aggregate"] += 1
-            if self.privacy is not None:
-                self.privacy.charge(o.q, released=False)  # drawn, so charged (see PrivacyEngine.charge)
-            return self._abandon(now, "the aggregate is not finite")
+            return self._abandon(now, "the aggregate is not finite", charge=self.privacy is not None)
         self.params = new_params
         self.round = o.round
         self.version = wire.params_version(self.params)
@@ -834,7 +838,11 @@ class Coordinator:
             elif kind == "update" and self.open is not None and \
                     (rec["round"], rec["attempt"]) == (self.open.round, self.open.attempt):
                 actions += self._on_update(rec["agent"], rec["payload"], now, replay=True)
+            elif kind == "charge" and self.privacy is not None:
+                self.privacy.charge(float(rec["q"]), released=False)
             elif kind == "abandon" and self.open is not None:
+                if rec.get("charged") and self.privacy is not None:
+                    self.privacy.charge(self.open.q, released=False)  # as it was before the restart
                 self.open = None
                 self.attempt = int(rec["attempt"]) + 1
         if self.open is not None:

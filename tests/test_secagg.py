@@ -432,3 +432,57 @@ def test_the_kls_bound_for_these_parameters_is_the_gaussian_that_is_accounted():
         acc.compose(dpa.GaussianDpEvent(math.sqrt(m) * p.dp_sigma / delta2))
         np.testing.assert_allclose(acc.rdp, acc.orders * eps2 / 2, rtol=1e-9)
         assert eps2 == pytest.approx(1 / z ** 2, rel=1e-9)  # and it is the z the accountant charges
+
+
+def test_draws_charged_under_dp_survive_a_restart_through_the_journal():
+    from aggregator.config import AggregatorConfig, ModelConfig, PrivacyConfig, RoundConfig, SecAggConfig
+    from aggregator.coordinator import Coordinator, Journal
+    from aggregator.strategies import FedAvg
+    from edge_agent.topics import Topics
+
+    cfg = AggregatorConfig(
+        federation=FED, rounds=0, model=ModelConfig(kind="linear", n_features=1, n_outputs=1),
+        round=RoundConfig(min_agents=1, quorum=1, timeout=10.0),
+        privacy=PrivacyConfig(mode="distributed", expected_per_round=1, population=100),
+        secagg=SecAggConfig(mode="secagg"),
+    )
+    c = Coordinator(cfg, FedAvg())
+    c.start(0.0)
+    st = wire.StatusMsg(FED, 0, "a0", "online", 1, ["linear"])
+    journal = [a.record for a in c.receive(Topics(FED).status("a0"), wire.encode(st), 0.0) if isinstance(a, Journal)]
+    journal += [a.record for a in c.tick(1.0) if isinstance(a, Journal)]
+    # one online device: every draw is too small for secure aggregation, charged and journaled
+    assert c.rejected["secagg_draw_too_small"] == len(journal) == c.privacy.accountant.rounds == 2
+    restarted = Coordinator(cfg, FedAvg(), journal=journal)
+    restarted.start(2.0)
+    assert restarted.privacy.accountant.rounds == 2
+
+
+def test_a_secagg_round_cut_by_a_restart_is_charged_once_and_stays_charged():
+    from aggregator.config import AggregatorConfig, ModelConfig, PrivacyConfig, RoundConfig, SecAggConfig
+    from aggregator.coordinator import Coordinator, Journal
+    from aggregator.strategies import FedAvg
+    from edge_agent.topics import Topics
+
+    cfg = AggregatorConfig(
+        federation=FED, rounds=0, model=ModelConfig(kind="linear", n_features=1, n_outputs=1),
+        round=RoundConfig(min_agents=8, quorum=1, timeout=10.0),
+        privacy=PrivacyConfig(mode="distributed", expected_per_round=8, population=8),  # q = 1: all 8 drawn
+        secagg=SecAggConfig(mode="secagg"),
+    )
+    c = Coordinator(cfg, FedAvg())
+    c.start(0.0)
+    journal = []
+    for i in range(8):
+        st = wire.StatusMsg(FED, 0, f"a{i}", "online", 1, ["linear"])
+        journal += [a.record for a in c.receive(Topics(FED).status(f"a{i}"), wire.encode(st), 0.0)
+                    if isinstance(a, Journal)]
+    assert [r["type"] for r in journal] == ["open"] and c.secagg is not None
+    first = Coordinator(cfg, FedAvg(), journal=journal)  # killed mid-protocol, restarted
+    out = first.start(1.0)
+    assert first.privacy.accountant.rounds == 1  # the cut attempt: drawn, so charged
+    journal += [a.record for a in out if isinstance(a, Journal)]
+    assert [r["type"] for r in journal][:2] == ["open", "abandon"] and journal[1]["charged"]
+    second = Coordinator(cfg, FedAvg(), journal=journal[:2])  # killed again before the next close
+    second.start(2.0)
+    assert second.privacy.accountant.rounds == 1  # replayed once, not charged twice
