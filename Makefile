@@ -18,6 +18,7 @@ bench: setup-dev
 	$(PY) bench/bench_agent_rss.py
 	$(PY) bench/bench_onnx.py
 	$(PY) bench/bench_rounds.py
+	$(PY) bench/bench_secagg.py --quick
 
 setup-demo:
 	@scripts/setup.sh $(VENV) aggregator,demo
