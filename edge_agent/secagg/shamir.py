@@ -9,6 +9,7 @@ polynomial through them), so they say nothing about it.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from typing import Mapping
 
@@ -41,6 +42,20 @@ def split(secret: bytes, xs: list[int], t: int) -> dict[int, bytes]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """Lagrange weights at 0 for these points: the same for every secret shared over them (cached)."""
+    out = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
+
+
 def combine(shares: Mapping[int, bytes], t: int, secret_bytes: int) -> bytes:
     """The secret from at least ``t`` shares {x: share} (the first ``t`` by x are used)."""
     if len(shares) < t:
@@ -53,14 +68,8 @@ def combine(shares: Mapping[int, bytes], t: int, secret_bytes: int) -> bytes:
         if y >= PRIME:
             raise ShamirError(f"share at x={x} is not a field element")
         points.append((x, y))
-    secret = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
-            if j != i:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    weights = _lagrange_at_zero(tuple(x for x, _ in points))
+    secret = sum(yi * w for (_, yi), w in zip(points, weights)) % PRIME
     if secret >= 1 << (8 * secret_bytes):
         raise ShamirError("the shares do not combine to a secret of the expected size")
     return secret.to_bytes(secret_bytes, "big")
