@@ -558,10 +558,16 @@ class Coordinator:
             deadline = now + rc.timeout
         sa_params = None
         if self.config.secagg.enabled:
-            sa_params = self._secagg_params(len(selected))
-            if sa_params.threshold + 1 > len(selected) or len(selected) < MIN_SECAGG_DEVICES:
-                log.info("secure aggregation needs %d selected devices (threshold %d + 1), %d selected",
-                         max(MIN_SECAGG_DEVICES, sa_params.threshold + 1), sa_params.threshold, len(selected))
+            try:
+                sa_params = self._secagg_params(len(selected))
+            except ValueError as exc:  # too many devices for the 32-bit masked sum
+                log.error("cannot open a secure-aggregation round: %s", exc)
+                self.rejected["secagg_too_many"] += 1
+                sa_params = None
+            if sa_params is None or sa_params.threshold + 1 > len(selected) or len(selected) < MIN_SECAGG_DEVICES:
+                if sa_params is not None:
+                    log.info("secure aggregation needs %d selected devices (threshold %d + 1), %d selected",
+                             max(MIN_SECAGG_DEVICES, sa_params.threshold + 1), sa_params.threshold, len(selected))
                 if self.privacy is not None:
                     # The draw happened: charge it (config validation keeps its
                     # probability far below delta), journaled so a restart

@@ -65,6 +65,8 @@ def neighbour_graph(selected: list[str], degree: int) -> dict[str, set[str]]:
     so no one can choose their neighbours.
     """
     n = len(selected)
+    if degree % 2 and n % 2:
+        degree += 1  # no k-regular graph has an odd k and an odd n: one more neighbour each
     if degree <= 0 or degree >= n - 1:
         return {a: set(selected) - {a} for a in selected}
     order = [selected[i] for i in np.random.default_rng(secrets.randbits(128)).permutation(n)]
@@ -113,6 +115,7 @@ class SecAggRound:
         self.ctx = context(self.fed, self.round, self.attempt)
         self.mod = np.uint64((1 << self.params.bits) - 1)
         self.model_dim = self.model_dim or self.dim
+        self._probe_key = crypto.new_keypair()[0]  # only to test advertised keys
 
     @property
     def contributors(self) -> set[str]:
@@ -157,6 +160,11 @@ class SecAggRound:
             raise SecAggReject("duplicate", f"second key advertisement from {agent}")
         if msg.c_pk == msg.s_pk or any(msg.c_pk in k or msg.s_pk in k for k in self.keys.values()):
             raise SecAggReject("bad_key", f"{agent} reuses a public key")
+        for pk in (msg.c_pk, msg.s_pk):
+            try:  # a low-order point would give every peer an all-zero shared secret
+                crypto.agree(self._probe_key, pk, b"fedmqtt-secagg-key-check")
+            except crypto.CryptoError as exc:
+                raise SecAggReject("bad_key", f"{agent}: {exc}") from None
         self.keys[agent] = (msg.c_pk, msg.s_pk)
 
     def _on_shares(self, agent: str, msg: SAShares) -> None:
@@ -377,7 +385,7 @@ def ddg_params(base: SecAggParams, n_selected: int, dim: int, clip: float, noise
 def round_params(mode: str, n_selected: int, degree: int, threshold: float, qbits: int, value_range: float,
                  clip: float) -> SecAggParams:
     """The task's SecAggParams for a selection of ``n_selected``: threshold and modulus worked out."""
-    from edge_agent.secagg.quantize import modulus_bits
+    from edge_agent.secagg.quantize import MAX_MODULUS_BITS, modulus_bits
 
     peers = n_selected - 1 if mode == "secagg" or degree <= 0 or degree >= n_selected - 1 else degree
     if threshold >= 1:
@@ -386,5 +394,9 @@ def round_params(mode: str, n_selected: int, degree: int, threshold: float, qbit
         t = max(1, math.ceil(threshold * peers))
     else:
         t = default_threshold(peers)
+    bits = modulus_bits(qbits, n_selected)
+    if bits > MAX_MODULUS_BITS:
+        raise ValueError(f"{n_selected} devices at {qbits} quantization bits need a {bits}-bit sum; "
+                         f"the masked vector carries {MAX_MODULUS_BITS}: lower [secagg] bits or select fewer")
     return SecAggParams(mode=mode, threshold=max(1, min(t, max(1, peers))), qbits=qbits,
-                        bits=modulus_bits(qbits, n_selected), range=value_range, clip=clip)
+                        bits=bits, range=value_range, clip=clip)

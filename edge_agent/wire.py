@@ -145,7 +145,7 @@ _HEX_SEED = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass
 class SecAggParams:
-    """Secure aggregation settings of a round (task field ``secagg``; docs/PROTOCOL.md §6)."""
+    """Secure aggregation settings of a round (task field ``secagg``; docs/PROTOCOL.md §7)."""
 
     mode: str  # "secagg": every selected device is a peer of every other; "secagg+": k neighbours each
     threshold: int  # t: shares needed to recover one device's secrets
@@ -607,7 +607,7 @@ def _secagg_params(m: dict) -> SecAggParams:
     if "dp_sigma" in m:
         p.dp_sigma, p.dp_gamma, p.dp_clip = r.pos_float("dp_sigma"), r.pos_float("dp_gamma"), r.pos_float("dp_clip")
         p.rotation_seed = r.text("rotation_seed")
-        if not _HEX_SEED.match(p.rotation_seed):
+        if not _HEX_SEED.fullmatch(p.rotation_seed):
             raise WireError("bad_field", "task.secagg.rotation_seed must be 64 hex digits")
     if p.mode not in SECAGG_MODES:
         raise WireError("bad_field", f"task.secagg.mode must be one of {SECAGG_MODES}, got {p.mode!r}")

@@ -486,3 +486,24 @@ def test_a_secagg_round_cut_by_a_restart_is_charged_once_and_stays_charged():
     second = Coordinator(cfg, FedAvg(), journal=journal[:2])  # killed again before the next close
     second.start(2.0)
     assert second.privacy.accountant.rounds == 1  # replayed once, not charged twice
+
+
+def test_odd_degree_with_an_odd_number_of_devices_still_gives_a_symmetric_graph():
+    names = [f"n{i}" for i in range(7)]
+    g = neighbour_graph(names, 3)
+    assert all(b in g[a] and a in g[b] for a in names for b in g[a])
+    h = Harness(n=7, dim=50, mode="secagg+", degree=3)
+    assert h.run().stage == "done"
+
+
+def test_a_low_order_public_key_is_refused_by_the_aggregator():
+    h = Harness(n=4, dim=10)
+    keys = h.clients[h.names[0]].advertise()
+    with pytest.raises(SecAggReject) as exc:
+        h.srv.receive(h.names[0], M.SAKeys(FED, 1, 0, h.names[0], keys.c_pk, bytes(32)), 0.0)  # the zero point
+    assert exc.value.reason == "bad_key" and h.srv.keys == {}
+
+
+def test_too_many_devices_for_a_32_bit_sum_is_a_clear_error():
+    with pytest.raises(ValueError, match="32"):
+        round_params("secagg", 300, 0, 0, 24, 1.0, 0.0)

@@ -153,7 +153,10 @@ class SecAggClient:
         n = y.size
         y = y + crypto.expand_mask(self.b_seed, n, p.bits)
         for peer in self.maskers:
-            mask = pairwise_mask(self.s_sk, self.peers[peer][1], self.ctx, n, p.bits)
+            try:
+                mask = pairwise_mask(self.s_sk, self.peers[peer][1], self.ctx, n, p.bits)
+            except crypto.CryptoError as exc:
+                raise SecAggError("bad_key", f"peer {peer}: {exc}") from None
             y = y + mask if mask_sign(self.agent, peer) > 0 else y - mask
         y &= np.uint64((1 << p.bits) - 1)
         self.update = np.empty(0)  # not needed any more: keep no copy of the clear update

@@ -1,4 +1,4 @@
-"""Wire format of the secure-aggregation messages (docs/PROTOCOL.md §6), on the one codec of :mod:`edge_agent.wire`.
+"""Wire format of the secure-aggregation messages (docs/PROTOCOL.md §7), on the one codec of :mod:`edge_agent.wire`.
 
 Device → aggregator, on ``fl/<fed>/update/<agent>`` (the only topic a device
 may write besides its status): ``sa_keys``, ``sa_shares``, ``sa_masked``,
