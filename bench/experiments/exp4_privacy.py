@@ -22,7 +22,13 @@ Poisson selection and the fixed denominator with negligible noise),
 ``z0.5``, ``z1``, ``z2``, ``z4``, ``z8`` (central), ``local1`` (local, z = 1),
 ``dist1`` (distributed, z = 1, min_clients = 2), ``adaptive1`` (central,
 z = 1, adaptive clipping from S = 1.0 towards the median update norm,
-η_C = 0.2, count noise σ_b = 100/20 = 5). Each arm runs
+η_C = 0.2, count noise σ_b = 100/20 = 5), ``secagg1`` (distributed, z = 1,
+inside secure aggregation: ``SecAggConfig(mode="secagg+")`` with the default
+degree 2·ceil(log2 n) >= 4 and threshold t = a majority of each device's
+peers; every device clips, rotates, rounds to the integer grid and adds a
+discrete Gaussian share z·Δ/sqrt(t-1) before masking, so the aggregator sees
+only the noised sum; ``[round] min_agents`` = the population, as the config
+check asks). Each arm runs
 with ``--seeds`` (selection, local-training seeds and DP noise; the data split
 is always ``--data-seed``).
 
@@ -30,8 +36,15 @@ The noise. The library draws DP noise from OS entropy on purpose (noise that
 can be reproduced protects nothing). To make this experiment reproducible,
 this script — and only this script — replaces those generators by seeded
 ones, per run: the aggregator's ``PrivacyEngine.noise`` and ``.sampler`` and
-the agents' ``edge_agent.dp.add_gaussian_noise`` default source. The distribution is
-the same. ``--os-noise`` keeps the production generators (then runs differ).
+the agents' ``edge_agent.dp.add_gaussian_noise`` default source; for the
+secure-aggregation arm also the devices' discrete Gaussian shares and
+stochastic-rounding uniforms (``discrete_gaussian`` and ``crypto_uniform``
+as ``edge_agent.secagg.client`` looks them up) and the round's public
+rotation seed (``aggregator.secagg.ddg_params``, as the coordinator looks it
+up). The masks, keys, Shamir shares and SecAgg+ neighbour graph stay on the
+OS CSPRNG: the masks cancel exactly in the sum and no device drops out, so
+they do not change the released model. The distributions are the same.
+``--os-noise`` keeps the production generators (then runs differ).
 The seeding, and the recording of the coordinator's round summaries (ε and
 the clip norm per round, which the harness's RoundRecord does not carry), go
 through a Coordinator subclass given to the harness for the duration of a
@@ -55,7 +68,7 @@ Outputs in ``--out`` (default docs/results/exp4_privacy/):
 
 Run from the repository root:
   .venv/bin/python bench/experiments/exp4_privacy.py [--rounds 100] [--seeds 0 1 2]
-      [--arms nodp clip z0.5 z1 z2 z4 z8 local1 dist1 adaptive1] [--jobs 2] [--os-noise]
+      [--arms nodp clip z0.5 z1 z2 z4 z8 local1 dist1 adaptive1 secagg1] [--jobs 2] [--os-noise]
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -76,7 +90,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from aggregator.accounting import MIN_NOISE_MULTIPLIER, epsilon_for  # noqa: E402
-from aggregator.config import ModelConfig, PrivacyConfig, TrainingConfig  # noqa: E402
+from aggregator.config import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig  # noqa: E402
 from aggregator.coordinator import Coordinator  # noqa: E402
 from aggregator.datasets import FederatedData, federated_digits  # noqa: E402
 from bench.experiments import harness as H  # noqa: E402
@@ -89,6 +103,9 @@ NAME = "exp4_privacy"
 CENTRAL_NOISE_STREAM = 0xD9
 LOCAL_NOISE_STREAM = 0x10C
 SELECTION_STREAM = 0x5E1  # the Poisson draw has its own source, as in production
+DDG_NOISE_STREAM = 0xDD6  # secure aggregation: the devices' discrete Gaussian shares
+DDG_ROUNDING_STREAM = 0x50D  # ... their stochastic rounding
+ROTATION_STREAM = 0x20A  # ... the round's public rotation seed
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,7 @@ class Arm:
     adaptive: bool = False
     label: str = ""
     min_clients: int = 2  # distributed: each device adds z·S/sqrt(min_clients - 1)
+    secagg: str = ""  # "secagg+": distributed DP inside secure aggregation (min_clients unused)
 
 
 ARMS = {a.key: a for a in (
@@ -112,6 +130,7 @@ ARMS = {a.key: a for a in (
     Arm("local1", "local", 1.0, label="local z = 1"),
     Arm("dist1", "distributed", 1.0, min_clients=2, label="distributed z = 1 (m = 2)"),
     Arm("adaptive1", "central", 1.0, adaptive=True, label="central z = 1, adaptive S"),
+    Arm("secagg1", "distributed", 1.0, secagg="secagg+", label="SecAgg+ with distributed DP z = 1"),
 )}
 CENTRAL_SWEEP = ("nodp", "clip", "z0.5", "z1", "z2", "z4", "z8")
 STYLE = {
@@ -125,6 +144,7 @@ STYLE = {
     "local1": dict(color="#8c564b", linestyle=":", linewidth=2.0),
     "dist1": dict(color="#e377c2", linestyle="--"),
     "adaptive1": dict(color="#17becf", linestyle="-."),
+    "secagg1": dict(color="#bcbd22", linewidth=2.0),
 }
 
 
@@ -173,10 +193,52 @@ def config_for(s: Setup, arm: Arm, seed: int):
         min_clients=arm.min_clients,
     )
     cfg = dataclasses.replace(cfg, privacy=privacy)
+    if arm.secagg:
+        # Every simulated agent is online: a Poisson draw from the whole
+        # population is too small for secure aggregation with negligible
+        # probability (the config check against delta).
+        cfg = dataclasses.replace(cfg, secagg=SecAggConfig(mode=arm.secagg),
+                                  round=dataclasses.replace(cfg.round, min_agents=s.agents))
     problems = cfg.problems() + [(f"privacy.{k}", v) for k, v in cfg.privacy.problems()]
     if problems:
         raise ValueError(f"invalid experiment config: {problems}")
     return cfg
+
+
+def _seed_secagg(seed: int):
+    """Seeded sources for the randomness of secure aggregation that reaches the released sum; returns the undo.
+
+    The devices' discrete Gaussian shares and stochastic rounding (looked up
+    by ``edge_agent.secagg.client`` at call time) and the round's rotation
+    seed (``aggregator.secagg.ddg_params``, imported by the coordinator when
+    a round opens). Same distributions; the harness delivers messages in a
+    fixed order, so the devices draw from the shared streams in a fixed order.
+    """
+    from aggregator import secagg as agg_secagg
+    from edge_agent.secagg import client as sa_client
+
+    real_ddg, real_dg, real_uniform = agg_secagg.ddg_params, sa_client.discrete_gaussian, sa_client.crypto_uniform
+    noise = np.random.default_rng([seed, DDG_NOISE_STREAM])
+    rounding = np.random.default_rng([seed, DDG_ROUNDING_STREAM])
+    rotation = np.random.default_rng([seed, ROTATION_STREAM])
+
+    def seeded_ddg_params(*a: Any, **kw: Any):
+        return dataclasses.replace(real_ddg(*a, **kw), rotation_seed=rotation.bytes(32).hex())
+
+    def seeded_discrete_gaussian(sigma, size, source=None):
+        return real_dg(sigma, size, source if source is not None else noise)
+
+    def seeded_uniform(n: int) -> np.ndarray:
+        return rounding.random(n)
+
+    agg_secagg.ddg_params = seeded_ddg_params
+    sa_client.discrete_gaussian, sa_client.crypto_uniform = seeded_discrete_gaussian, seeded_uniform
+
+    def undo() -> None:
+        agg_secagg.ddg_params = real_ddg
+        sa_client.discrete_gaussian, sa_client.crypto_uniform = real_dg, real_uniform
+
+    return undo
 
 
 def run_one(s: Setup, arm: Arm, seed: int) -> dict[str, Any]:
@@ -184,6 +246,7 @@ def run_one(s: Setup, arm: Arm, seed: int) -> dict[str, Any]:
     data = digits(s)
     cfg = config_for(s, arm, seed)
     coords: list[Coordinator] = []
+    opened: dict[int, tuple[int, int, Any]] = {}  # secure aggregation: round -> (selected, degree, params)
 
     class RecordingCoordinator(Coordinator):
         def __init__(self, *a: Any, **kw: Any) -> None:
@@ -192,6 +255,13 @@ def run_one(s: Setup, arm: Arm, seed: int) -> dict[str, Any]:
             if s.seeded_noise and self.privacy is not None:
                 self.privacy.noise = np.random.default_rng([seed, CENTRAL_NOISE_STREAM])
                 self.privacy.sampler = np.random.default_rng([seed, SELECTION_STREAM])
+
+        def _maybe_open(self, now: float):  # records each secure-aggregation attempt's parameters
+            out = super()._maybe_open(now)
+            if self.secagg is not None and self.open is not None:
+                n = len(self.open.selected)
+                opened[self.open.round] = (n, self._secagg_degree(n), self.secagg.params)
+            return out
 
     real_coordinator, real_noise = H.Coordinator, dp.add_gaussian_noise
     local_rng = np.random.default_rng([seed, LOCAL_NOISE_STREAM])
@@ -202,10 +272,12 @@ def run_one(s: Setup, arm: Arm, seed: int) -> dict[str, Any]:
     H.Coordinator = RecordingCoordinator
     if s.seeded_noise:
         dp.add_gaussian_noise = seeded_noise
+    restore_secagg = _seed_secagg(seed) if s.seeded_noise and arm.secagg else (lambda: None)
     try:
         res = H.run_federation(cfg, data.agents, data.X_test, data.y_test, seed=seed)
     finally:
         H.Coordinator, dp.add_gaussian_noise = real_coordinator, real_noise
+        restore_secagg()
     coord = coords[0]
     hist = coord.history
     assert len(hist) == len(res.rounds) == s.rounds, (len(hist), len(res.rounds))
@@ -218,6 +290,14 @@ def run_one(s: Setup, arm: Arm, seed: int) -> dict[str, Any]:
                      "selected": summ.selected, "participants": summ.participants,
                      "epsilon": m.get("epsilon", 0.0), "clip": m.get("clip", float("nan")),
                      "sampling_rate": m.get("sampling_rate", float("nan")), "wall_seconds": rec.wall_seconds})
+        if arm.secagg:
+            n, degree, p = opened[rec.round]
+            # Std of the noise on the released sum, in units of the central z·S:
+            # every contributor's share, dp_sigma grid steps of dp_gamma each.
+            rows[-1].update({"sa_degree": degree, "sa_threshold": p.threshold, "sa_dp_sigma": p.dp_sigma,
+                             "sa_grid_steps_per_clip": p.dp_clip / p.dp_gamma,  # S/γ (γ itself is ~1e-8)
+                             "sa_sum_noise_vs_central": math.sqrt(summ.participants) * p.dp_sigma * p.dp_gamma
+                             / (arm.z * s.clip)})
     final_eps = hist[-1].metrics.get("epsilon", 0.0)
     return {"arm": arm.key, "seed": seed, "rows": rows, "seconds": res.wall_seconds, "epsilon": final_eps,
             "accounted_rounds": coord.privacy.accountant.rounds if coord.privacy is not None else 0,
@@ -315,6 +395,14 @@ def summarize(s: Setup, args, results: list[dict]) -> tuple[list[dict], list[dic
             "agent_rejected": ";".join(f"{k}={v}" for k, v in sorted(r["agent_rejected"].items())),
             "abandoned": r["abandoned"], "seconds": r["seconds"],
         })
+        if arm.secagg:
+            final[-1].update({
+                "sa_degree_min": min(x["sa_degree"] for x in r["rows"]),
+                "sa_degree_max": max(x["sa_degree"] for x in r["rows"]),
+                "sa_threshold_min": min(x["sa_threshold"] for x in r["rows"]),
+                "sa_threshold_max": max(x["sa_threshold"] for x in r["rows"]),
+                "sa_sum_noise_vs_central_mean": _mean([x["sa_sum_noise_vs_central"] for x in r["rows"]]),
+            })
     # One line per arm; ε does not depend on the seed (same q, z, rounds).
     expected_k = max(1, int(round(s.q * rounds_done)))
     from scipy.stats import binom  # the largest participation count among N devices, median over draws
@@ -336,6 +424,12 @@ def summarize(s: Setup, args, results: list[dict]) -> tuple[list[dict], list[dic
                "epsilon_check_max_abs_diff": max(f["epsilon_abs_diff"] for f in fr),
                "final_clip_mean": _mean([f["final_clip"] for f in fr]),
                "mean_participants": _mean([f["mean_participants"] for f in fr])}
+        if arm.secagg:
+            row.update({"sa_threshold_min": min(f["sa_threshold_min"] for f in fr),
+                        "sa_threshold_max": max(f["sa_threshold_max"] for f in fr),
+                        "sa_degree_min": min(f["sa_degree_min"] for f in fr),
+                        "sa_degree_max": max(f["sa_degree_max"] for f in fr),
+                        "sa_sum_noise_vs_central_mean": _mean([f["sa_sum_noise_vs_central_mean"] for f in fr])})
         if arm.mode != "off":
             row["epsilon_coordinator"] = fr[0]["epsilon_coordinator"]
             # PLD's discretisation makes small z very slow (minutes below z = 0.05): the
@@ -381,7 +475,8 @@ def table(s: Setup, summary: list[dict]) -> str:
         lines.append(
             f"| {r['label']} | {z} | {eps} | {100 * r['final_accuracy_mean']:.1f} "
             f"[{100 * r['final_accuracy_min']:.1f}–{100 * r['final_accuracy_max']:.1f}] "
-            f"| {r['gap_points_mean']:+.1f} | {100 * r['mean_last10_accuracy']:.1f} | {kp} |")
+            f"| {'–' if r['gap_points_mean'] != r['gap_points_mean'] else format(r['gap_points_mean'], '+.1f')} "
+            f"| {100 * r['mean_last10_accuracy']:.1f} | {kp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -401,8 +496,8 @@ def plot(out: Path, s: Setup, args, rows: list[dict], summary: list[dict]) -> No
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=100)
     panels = [
         (axes[0], [k for k in CENTRAL_SWEEP if k in arms], "central DP, fixed S = %g" % s.clip),
-        (axes[1], [k for k in ("nodp", "z1", "adaptive1", "local1", "dist1") if k in arms],
-         "z = 1: central, adaptive S, local, distributed"),
+        (axes[1], [k for k in ("nodp", "z1", "adaptive1", "local1", "dist1", "secagg1") if k in arms],
+         "z = 1: central, adaptive S, local, distributed, SecAgg+"),
     ]
     for ax, keys, title in panels:
         for key in keys:
@@ -418,8 +513,8 @@ def plot(out: Path, s: Setup, args, rows: list[dict], summary: list[dict]) -> No
         ax.legend(fontsize=8, loc="lower right")
     ax = axes[2]
     for key in arms:
-        if ARMS[key].mode == "off" or key in ("clip", "local1", "dist1", "adaptive1"):
-            continue  # clip only: ε ~ 1e5; local, distributed and adaptive are accounted as z = 1
+        if ARMS[key].mode == "off" or key in ("clip", "local1", "dist1", "adaptive1", "secagg1"):
+            continue  # clip only: ε ~ 1e5; local, distributed, adaptive and SecAgg+ are accounted as z = 1
         x, m, _, _ = curve(key, "epsilon")
         ax.plot(x, m, label=ARMS[key].label, **STYLE.get(key, {}))
     ax.set_yscale("log")
@@ -447,7 +542,8 @@ def plot(out: Path, s: Setup, args, rows: list[dict], summary: list[dict]) -> No
         ax.errorbar(e, m, yerr=[lo, hi], marker="o", color="#2ca02c", capsize=3, label="central, fixed S")
         for p, ei, mi in zip(pts, e, m):
             ax.annotate(f"z={p['z']:g}", (ei, mi), textcoords="offset points", xytext=(5, -12), fontsize=8)
-    for key, marker, color in (("adaptive1", "s", "#17becf"), ("local1", "v", "#8c564b"), ("dist1", "^", "#e377c2")):
+    for key, marker, color in (("adaptive1", "s", "#17becf"), ("local1", "v", "#8c564b"), ("dist1", "^", "#e377c2"),
+                               ("secagg1", "D", "#bcbd22")):
         if key in by:
             p = by[key]
             ax.errorbar([p["epsilon_coordinator"]], [p["final_accuracy_mean"]],
