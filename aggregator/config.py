@@ -263,8 +263,9 @@ class SecAggConfig:
         out = []
         if self.mode not in SECAGG_MODES:
             out.append(("mode", f"must be one of {', '.join(SECAGG_MODES)}, got {self.mode!r}"))
-        if self.threshold < 0:
-            out.append(("threshold", f"must be >= 0, got {self.threshold}"))
+        if self.threshold < 0 or (1 <= self.threshold < 2):
+            # t = 1 would let any single peer (or the aggregator with one share) recover a device's secrets
+            out.append(("threshold", f"must be 0 (default), a fraction in (0, 1), or >= 2, got {self.threshold}"))
         if self.degree < 0:
             out.append(("degree", f"must be >= 0, got {self.degree}"))
         if not 1 <= self.bits <= 24:
