@@ -301,6 +301,8 @@ def _secagg_small_draw_probability(cfg: "AggregatorConfig") -> float | None:
 
 
 PRIVACY_MODES = ("off", "central", "local", "distributed")
+# Andrew et al. 2021 suggest a count noise of σ_b = (expected devices) / 20.
+COUNT_STDDEV_DIVISOR = 20.0
 PLD_MIN_NOISE = 0.3
 
 
@@ -435,7 +437,7 @@ class AggregatorConfig:
             out.append(("privacy.expected_per_round", "DP needs the expected devices per round "
                         "(set it, or [round] agents_per_round)"))
         if p.enabled and p.adaptive_clip:
-            sigma_b = p.count_stddev or (p.expected_per_round or self.round.agents_per_round) / 20.0
+            sigma_b = p.count_stddev or (p.expected_per_round or self.round.agents_per_round) / COUNT_STDDEV_DIVISOR
             if 2 * sigma_b <= p.noise_multiplier:
                 out.append(("privacy.count_stddev", f"the clipped-count noise {sigma_b:g} must exceed noise_multiplier/2 "
                             f"= {p.noise_multiplier / 2:g} to split the budget (Andrew et al. 2021); raise it or lower z"))

@@ -435,11 +435,11 @@ class Coordinator:
             return 0
         return sa.degree or max(4, 2 * math.ceil(math.log2(max(2, n))))
 
-    def _secagg_params(self, n: int) -> wire.SecAggParams:
+    def _secagg_params(self, n: int, degree: int) -> wire.SecAggParams:
         from .secagg import round_params
 
         sa = self.config.secagg
-        return round_params(sa.mode, n, self._secagg_degree(n), sa.threshold, sa.bits, sa.range, sa.clip)
+        return round_params(sa.mode, n, degree, sa.threshold, sa.bits, sa.range, sa.clip)
 
     def _on_secagg(self, agent: str | None, payload: bytes, now: float) -> list[Action]:
         """A device's secure-aggregation message (on its update topic)."""
@@ -476,14 +476,9 @@ class Coordinator:
         contributors = sorted(sa.contributors)
         # Under DP the fixed denominator (expected devices), as in DP-FedAvg.
         mean = sa.result / (self.privacy.expected if self.privacy is not None else len(contributors))
-        delta, offset = {}, 0
-        for name, shape in self.spec.param_shapes().items():
-            size = math.prod(shape)
-            delta[name] = mean[offset:offset + size].reshape(shape).astype(np.float32)
-            offset += size
         # The strategy sees the mean as one update: the rules allowed with
         # secure aggregation need only the mean.
-        self.strategy.add(delta, 1.0, None)
+        self.strategy.add(self.spec.unflatten(mean), 1.0, None)
         o.received = set(contributors)
         return actions + self._close(now)
 
@@ -558,8 +553,9 @@ class Coordinator:
             deadline = now + rc.timeout
         sa_params = None
         if self.config.secagg.enabled:
+            degree = self._secagg_degree(len(selected))
             try:
-                sa_params = self._secagg_params(len(selected))
+                sa_params = self._secagg_params(len(selected), degree)
             except ValueError as exc:  # too many devices for the 32-bit masked sum
                 log.error("cannot open a secure-aggregation round: %s", exc)
                 self.rejected["secagg_too_many"] += 1
@@ -587,7 +583,7 @@ class Coordinator:
             from .secagg import make_round
 
             self.secagg = make_round(self.config.federation, self.round + 1, self.attempt, selected, sa_params,
-                                     self._secagg_degree(len(selected)), self.spec.num_params(), deadline,
+                                     degree, self.spec.num_params(), deadline,
                                      self.config.secagg.stage_timeout)
         log.info("round %d attempt %d opened: %d selected for a target of %d (of %d eligible online)",
                  self.round + 1, self.attempt, len(selected), target, len(candidates))

@@ -57,15 +57,13 @@ import numpy as np
 
 from edge_agent import dp
 
-from .config import AggregatorConfig
+from .config import COUNT_STDDEV_DIVISOR, AggregatorConfig
 from .strategies import Strategy
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, np.ndarray]
 
-# Andrew et al. 2021 suggest a count noise of σ_b = (expected devices) / 20.
-COUNT_STDDEV_DIVISOR = 20.0
 # A device's noised centred bit (local/distributed modes) is accepted within
 # ±(1/2 + this many of its noise std): an honest one is out of that range
 # with probability < 1e-15, a hostile one cannot move the count by more.

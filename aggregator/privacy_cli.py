@@ -15,11 +15,10 @@ import sys
 
 from .accounting import ACCOUNTANTS, adaptive_clip_noise_split, epsilon_for, noise_for_epsilon
 from .argtypes import positive_float, positive_int, probability
+from .config import COUNT_STDDEV_DIVISOR
 
 #: Who adds the noise (as ``[privacy] mode``).
 MODES = ("central", "local", "distributed")
-# Andrew et al. 2021's default count noise: expected devices per round / 20 (as the aggregator).
-COUNT_STDDEV_DIVISOR = 20.0
 
 #: Fractions of the planned rounds the table reports ε for.
 TABLE_FRACTIONS = (0.10, 0.25, 0.50, 1.00)

@@ -294,7 +294,7 @@ class SecAggRound:
                 if not survivors:
                     continue  # nobody masked with it: nothing to remove
                 s_sk = shamir.combine(self.key_shares.get(u, {}), t, 32)
-                if _public_key(s_sk) != self.keys[u][1]:
+                if crypto.public_key(s_sk) != self.keys[u][1]:
                     return self._abort(f"the recovered mask key of {u} does not match its public key")
                 for v in sorted(survivors):
                     mask = pairwise_mask(s_sk, self.keys[v][1], self.ctx, n, p.bits)
@@ -319,14 +319,6 @@ class SecAggRound:
         log.info("secure aggregation of round %d attempt %d: sum of %d inputs (%d dropped after sharing keys)",
                  self.round, self.attempt, len(u3), len(u2 - u3))
         return []
-
-
-def _public_key(private: bytes) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def make_round(fed: str, rnd: int, attempt: int, selected: list[str], params: SecAggParams, degree: int, dim: int,

@@ -443,8 +443,8 @@ class AgentCore:
             # and masked (stage 3); this starts the protocol with our keys.
             from .secagg.client import SecAggClient
 
-            flat = np.concatenate([np.asarray(delta[k], np.float64).ravel() for k in m.spec.param_shapes()])
-            self.secagg_client = SecAggClient(self.fed, self.agent_id, round_number, attempt, t.selected, t.secagg, flat)
+            self.secagg_client = SecAggClient(self.fed, self.agent_id, round_number, attempt, t.selected, t.secagg,
+                                              m.spec.flatten(delta))
             self.updates_sent += 1
             from .secagg.messages import encode as encode_secagg
 

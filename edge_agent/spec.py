@@ -8,7 +8,11 @@ the codec uses it to check shapes, the models use it to build parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
 
 MODEL_KINDS = ("softmax", "mlp", "linear")
 
@@ -58,6 +62,19 @@ class ModelSpec:
             shapes[f"W{i}"] = (n_in, n_out)
             shapes[f"b{i}"] = (n_out,)
         return shapes
+
+    def flatten(self, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        """All parameters as one float64 vector, in wire order (what secure aggregation masks)."""
+        return np.concatenate([np.asarray(params[k], np.float64).ravel() for k in self.param_shapes()])
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The inverse of :meth:`flatten`, as float32 arrays."""
+        out, offset = {}, 0
+        for name, shape in self.param_shapes().items():
+            size = math.prod(shape)
+            out[name] = np.asarray(flat[offset:offset + size]).reshape(shape).astype(np.float32)
+            offset += size
+        return out
 
     def num_params(self) -> int:
         """Total number of scalar parameters."""

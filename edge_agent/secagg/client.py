@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 
 from ..wire import SecAggParams
-from ..dp import discrete_gaussian
+from ..dp import SecureRandom, discrete_gaussian
 from . import crypto, rotation, shamir
 from .messages import SAKeys, SAMasked, SAPeers, SARoute, SAShares, SAUnmask, SAUnmaskReq
 from .quantize import quantize
@@ -210,7 +210,8 @@ def _clip(update: np.ndarray, norm_bound: float) -> np.ndarray:
 
 
 def crypto_uniform(n: int) -> np.ndarray:
-    """U[0, 1) for the stochastic rounding, from the OS CSPRNG (as all of the device's DP randomness)."""
-    from ..dp import SecureRandom
+    """U[0, 1) for the stochastic rounding, from the OS CSPRNG (as all of the device's DP randomness).
 
+    A module-level function so that experiments can seed it (bench/experiments/exp4_privacy.py).
+    """
     return SecureRandom().random(n)

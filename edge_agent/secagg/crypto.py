@@ -35,10 +35,15 @@ class CryptoError(ValueError):
 
 def new_keypair() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as raw bytes (private, public)."""
-    sk = X25519PrivateKey.generate()
-    raw = serialization.Encoding.Raw
-    return (sk.private_bytes(raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
-            sk.public_key().public_bytes(raw, serialization.PublicFormat.Raw))
+    private = X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return private, public_key(private)
+
+
+def public_key(private: bytes) -> bytes:
+    """The raw X25519 public key of a raw private key."""
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def agree(private: bytes, public: bytes, label: bytes) -> bytes:
