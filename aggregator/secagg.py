@@ -44,7 +44,8 @@ from edge_agent.wire import SecAggParams, WireError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("keys", "shares", "masked", "unmask", "done", "aborted")
+# The stages a round goes through, in order; it ends "done" or "aborted".
+ACTIVE_STAGES = ("keys", "shares", "masked", "unmask")
 
 
 class SecAggReject(WireError):
@@ -222,7 +223,7 @@ class SecAggRound:
 
     def _advance(self, now: float) -> list[Publish]:
         out: list[Publish] = []
-        while self.stage in ("keys", "shares", "masked", "unmask") and (now >= self.deadline or not self._waiting_for()):
+        while self.stage in ACTIVE_STAGES and (now >= self.deadline or not self._waiting_for()):
             before = self.stage
             out += {"keys": self._close_keys, "shares": self._close_shares, "masked": self._close_masked,
                     "unmask": self._close_unmask}[self.stage]()

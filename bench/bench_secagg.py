@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from _common import machine_line
-from aggregator.secagg import make_round, round_params
+from aggregator.secagg import ACTIVE_STAGES as AGG_STAGES, make_round, round_params
 from aggregator.strategies import FedAvg
 from edge_agent import wire
 from edge_agent.secagg import messages as M
@@ -79,7 +79,6 @@ from edge_agent.spec import ModelSpec
 FED = "bench"
 QBITS, RANGE = 16, 1.0  # SecAggConfig defaults (bits, range)
 STEPS = ("advertise", "on_peers", "on_route", "on_unmask_req")
-AGG_STAGES = ("keys", "shares", "masked", "unmask")
 DROP_FRACTION = 0.1
 EXPANSION_GOAL = 2.0  # every mode and size
 EXPANSION_GOAL_PLUS_100 = 1.2  # SecAgg+ at n = 100

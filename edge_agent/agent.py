@@ -14,8 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from . import __version__, dp, wire
 from .agent_store import AgentStore
 from .data import LocalData
