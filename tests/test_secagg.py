@@ -507,3 +507,40 @@ def test_a_low_order_public_key_is_refused_by_the_aggregator():
 def test_too_many_devices_for_a_32_bit_sum_is_a_clear_error():
     with pytest.raises(ValueError, match="32"):
         round_params("secagg", 300, 0, 0, 24, 1.0, 0.0)
+
+
+def test_reported_epsilon_with_secagg_matches_dp_accounting_on_the_noise_measured_inside_the_masked_sum(monkeypatch):
+    """Device d00's own noise share is recorded as it is drawn; everything else in the released sum that is
+    not the clipped updates is the noise protecting d00. dp-accounting's epsilon for that measured noise
+    (sensitivity: the clip norm plus the grid rounding bound) must not be below what fedmqtt reports."""
+    import edge_agent.secagg.client as client_mod
+    from aggregator.privacy import PrivacyEngine
+    from edge_agent.secagg.rotation import padded_size, unrotate
+    from tests.test_privacy_guarantees import ROUNDS, config, reference_epsilon, reported_epsilon
+
+    drawn = []
+    real = client_mod.discrete_gaussian
+
+    def recording(sigma, size, source=None):
+        drawn.append(real(sigma, size, source))
+        return drawn[-1]
+
+    monkeypatch.setattr(client_mod, "discrete_gaussian", recording)
+    z, clip, dim = 1.0, 1.0, 20_000
+    h = _ddg_harness(n=10, dim=dim, z=z, clip=clip)
+    srv = h.run()
+    assert srv.stage == "done" and len(drawn) == 10  # d00 routes first: drawn[0] is its share
+    p = h.params
+    clipped = sum(h.xs[a] * min(1.0, clip / np.linalg.norm(h.xs[a])) for a in h.names)
+    own = unrotate(drawn[0] * p.dp_gamma, bytes.fromhex(p.rotation_seed), dim)
+    protecting = float((srv.result - clipped - own).std())
+    sensitivity = clip + p.dp_gamma * math.sqrt(padded_size(dim))
+    engine = PrivacyEngine(config(mode="distributed", noise_multiplier=z, clip=clip, expected_per_round=100,
+                                  population=1000))
+    reported = reported_epsilon(engine, 0.1, ROUNDS)
+    reference = reference_epsilon(0.1, [protecting / sensitivity], ROUNDS)
+    # 10 contributors, t = 5: d00 has 9 others where 4 would carry z S, so the truth is well below the report
+    assert reported >= reference * 0.97
+    # and at exactly t - 1 others (the worst case the calibration is for) the two agree
+    worst = protecting * math.sqrt((p.threshold - 1) / (len(h.names) - 1))
+    assert reported == pytest.approx(reference_epsilon(0.1, [worst / sensitivity], ROUNDS), rel=0.03)
