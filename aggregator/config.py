@@ -231,6 +231,7 @@ class SecurityConfig:
 
 
 SECAGG_MODES = ("off", "secagg", "secagg+")
+SECAGG_WEIGHTINGS = ("auto", "samples", "uniform")
 # Rules that need only the sum of the updates (the weighted mean and the
 # server optimizers built on it); the robust rules look at single updates,
 # which secure aggregation hides.
@@ -254,6 +255,21 @@ class SecAggConfig:
     range: float = field(default=1.0, metadata={"help": "coordinates are clamped to [-range, range] before quantization"})
     clip: float = field(default=0.0, metadata={"help": "clip each update to this L2 norm first (0: no clipping)"})
     stage_timeout: float = field(default=30.0, metadata={"help": "seconds each protocol stage after the first waits"})
+    weighting: str = field(
+        default="auto",
+        metadata={"help": "samples: weigh updates by sample count as FedAvg does (the weight travels masked too) | "
+                          "uniform: every update counts once | auto: samples, uniform under DP"},
+    )
+    max_weight: int = field(
+        default=0,
+        metadata={"help": "samples weighting: sample counts are capped here (0: the largest count the selected "
+                          "devices report, at most 2^bits - 1)"},
+    )
+    signed_keys: bool = field(
+        default=True,
+        metadata={"help": "when the aggregator has a client certificate and CA (a provisioned federation), accept "
+                          "only key advertisements signed with the device's certificate"},
+    )
 
     @property
     def enabled(self) -> bool:
@@ -276,6 +292,11 @@ class SecAggConfig:
             out.append(("clip", f"must be >= 0, got {self.clip}"))
         if not self.stage_timeout > 0:
             out.append(("stage_timeout", f"must be > 0, got {self.stage_timeout}"))
+        if self.weighting not in SECAGG_WEIGHTINGS:
+            out.append(("weighting", f"must be one of {', '.join(SECAGG_WEIGHTINGS)}, got {self.weighting!r}"))
+        if not 0 <= self.max_weight < 1 << min(self.bits, 24):
+            out.append(("max_weight", f"must be in 0..2^bits - 1 (the weight is one quantized coordinate), "
+                                      f"got {self.max_weight}"))
         return out
 
 
@@ -456,6 +477,9 @@ class AggregatorConfig:
             if p.enabled and p.mode != "distributed":
                 out.append(("privacy.mode", "with secure aggregation the devices add the noise inside the masked "
                             "sum: use mode = distributed (the distributed discrete Gaussian)"))
+            if p.enabled and sa.weighting == "samples":
+                out.append(("secagg.weighting", "under DP every update counts once (a fixed denominator); "
+                            "use auto or uniform"))
             if p.enabled and p.adaptive_clip:
                 out.append(("privacy.adaptive_clip", "is not available with secure aggregation (the clipped count "
                             "would have to be aggregated securely too)"))

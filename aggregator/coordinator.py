@@ -211,6 +211,10 @@ class Coordinator:
         self.finished = False
         self._journal_backlog = list(journal or [])
         self.secagg = None  # the open round's secure aggregation (aggregator/secagg.py), if on
+        # In a provisioned federation the adapter sets this to a
+        # PeerVerifier (edge_agent/secagg/identity.py): key advertisements
+        # must then be signed by the device's certificate.
+        self.secagg_verifier: object | None = None
         self._history_dicts: list[dict[str, Any]] = []  # asdict() of self.history, for snapshots
         self.privacy = None
         if config.privacy.enabled:
@@ -435,11 +439,22 @@ class Coordinator:
             return 0
         return sa.degree or max(4, 2 * math.ceil(math.log2(max(2, n))))
 
-    def _secagg_params(self, n: int, degree: int) -> wire.SecAggParams:
+    def _secagg_params(self, selected: list[str], degree: int) -> wire.SecAggParams:
+        from edge_agent.secagg.quantize import levels
+
         from .secagg import round_params
 
         sa = self.config.secagg
-        return round_params(sa.mode, n, degree, sa.threshold, sa.bits, sa.range, sa.clip)
+        max_weight = 0
+        if self.privacy is None and sa.weighting != "uniform":
+            # Capped at what the selected devices say they have: a cap far
+            # above every real count would shrink every scaled update towards
+            # zero and make the quantization error count for more.
+            reported = max((self.agents[a].num_samples for a in selected if a in self.agents), default=0)
+            max_weight = min(sa.max_weight or reported, levels(sa.bits))
+            if max_weight <= 1:
+                max_weight = 0  # no counts reported (hidden) or all of one: every update counts once
+        return round_params(sa.mode, len(selected), degree, sa.threshold, sa.bits, sa.range, sa.clip, max_weight)
 
     def _on_secagg(self, agent: str | None, payload: bytes, now: float) -> list[Action]:
         """A device's secure-aggregation message (on its update topic)."""
@@ -474,8 +489,9 @@ class Coordinator:
         if sa.stage != "done":
             return actions
         contributors = sorted(sa.contributors)
-        # Under DP the fixed denominator (expected devices), as in DP-FedAvg.
-        mean = sa.result / (self.privacy.expected if self.privacy is not None else len(contributors))
+        # Under DP the fixed denominator (expected devices), as in DP-FedAvg;
+        # otherwise the total weight the masked sum carried.
+        mean = sa.result / (self.privacy.expected if self.privacy is not None else sa.weight)
         # The strategy sees the mean as one update: the rules allowed with
         # secure aggregation need only the mean.
         self.strategy.add(self.spec.unflatten(mean), 1.0, None)
@@ -555,7 +571,7 @@ class Coordinator:
         if self.config.secagg.enabled:
             degree = self._secagg_degree(len(selected))
             try:
-                sa_params = self._secagg_params(len(selected), degree)
+                sa_params = self._secagg_params(selected, degree)
             except ValueError as exc:  # too many devices for the 32-bit masked sum
                 log.error("cannot open a secure-aggregation round: %s", exc)
                 self.rejected["secagg_too_many"] += 1
@@ -584,7 +600,8 @@ class Coordinator:
 
             self.secagg = make_round(self.config.federation, self.round + 1, self.attempt, selected, sa_params,
                                      degree, self.spec.num_params(), deadline,
-                                     self.config.secagg.stage_timeout)
+                                     self.config.secagg.stage_timeout,
+                                     self.secagg_verifier if self.config.secagg.signed_keys else None)
         log.info("round %d attempt %d opened: %d selected for a target of %d (of %d eligible online)",
                  self.round + 1, self.attempt, len(selected), target, len(candidates))
         record = {"type": "open", "round": self.round + 1, "attempt": self.attempt, "selected": selected,

@@ -108,6 +108,10 @@ class SecAggRound:
     offline: set[str] = field(default_factory=set)
     total: np.ndarray | None = None
     result: np.ndarray | None = None  # the float sum of the survivors' updates, once done
+    weight: float = 0.0  # ... and the total weight it carries (the number of inputs, unless weighted)
+    # Checks signed key advertisements (edge_agent.secagg.identity.PeerVerifier) in a provisioned federation.
+    verifier: object | None = None
+    proofs: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # agent -> (sig, cert) of its keys
     sum_int: np.ndarray | None = None  # the same, as the exact integer sum before dequantization
 
     def __post_init__(self) -> None:
@@ -166,7 +170,21 @@ class SecAggRound:
                 crypto.agree(self._probe_key, pk, b"fedmqtt-secagg-key-check")
             except crypto.CryptoError as exc:
                 raise SecAggReject("bad_key", f"{agent}: {exc}") from None
+        if self.verifier is not None:
+            # Devices check each other's signatures themselves (they do not
+            # trust us); checking here too drops a bad advertisement before
+            # it makes every honest peer refuse the round.
+            from edge_agent.secagg.client import SecAggError
+            from edge_agent.secagg.identity import signed_bytes
+
+            try:
+                self.verifier.verify(agent, signed_bytes(self.fed, self.round, self.attempt, agent, msg.c_pk,
+                                                         msg.s_pk), msg.sig, msg.cert)
+            except SecAggError as exc:
+                raise SecAggReject(exc.reason, str(exc)) from None
         self.keys[agent] = (msg.c_pk, msg.s_pk)
+        if msg.sig:
+            self.proofs[agent] = (msg.sig, msg.cert)
 
     def _on_shares(self, agent: str, msg: SAShares) -> None:
         if agent not in self.active:
@@ -256,7 +274,7 @@ class SecAggRound:
         self.active = {a: self.peers[a] & alive for a in alive}
         self.stage = "shares"
         return [self._inbox(a, SAPeers(self.fed, self.round, self.attempt,
-                                       {b: self.keys[b] for b in sorted(self.active[a])}))
+                                       {b: self.keys[b] + self.proofs.get(b, ()) for b in sorted(self.active[a])}))
                 for a in sorted(alive)]
 
     def _close_shares(self) -> list[Publish]:
@@ -313,8 +331,19 @@ class SecAggRound:
             signed = total.astype(np.int64)
             signed[signed >= 1 << (p.bits - 1)] -= 1 << p.bits
             self.result = rotation.unrotate(signed * p.dp_gamma, bytes.fromhex(p.rotation_seed), self.model_dim)
+            self.weight = float(len(u3))
+        elif p.max_weight > 0:
+            # The last coordinate is the exact sum of the weights; each is in
+            # 1..max_weight, so a sum outside that range means someone lied.
+            wsum = int(total[-1])
+            if not len(u3) <= wsum <= len(u3) * p.max_weight:
+                return self._abort(f"the weights sum to {wsum}, impossible for {len(u3)} inputs of weight "
+                                   f"1..{p.max_weight}")
+            self.result = dequantize_sum(total[:-1], len(u3), p.range, p.qbits)
+            self.weight = wsum / p.max_weight
         else:
             self.result = dequantize_sum(total, len(u3), p.range, p.qbits)
+            self.weight = float(len(u3))
         self.total = None
         self.stage = "done"
         log.info("secure aggregation of round %d attempt %d: sum of %d inputs (%d dropped after sharing keys)",
@@ -323,16 +352,17 @@ class SecAggRound:
 
 
 def make_round(fed: str, rnd: int, attempt: int, selected: list[str], params: SecAggParams, degree: int, dim: int,
-               keys_deadline: float, stage_timeout: float) -> SecAggRound:
+               keys_deadline: float, stage_timeout: float, verifier: object | None = None) -> SecAggRound:
     """A new round at its first stage; ``keys_deadline`` leaves the devices time to train first.
 
     ``dim`` is the model's parameter count; under DP the masked vectors have
-    its padded length.
+    its padded length, in a weighted round one more (the weight).
+    ``verifier`` (a PeerVerifier) requires signed key advertisements.
     """
-    wire_dim = rotation.padded_size(dim) if params.dp_sigma > 0 else dim
+    wire_dim = rotation.padded_size(dim) if params.dp_sigma > 0 else dim + (1 if params.max_weight > 0 else 0)
     return SecAggRound(fed=fed, round=rnd, attempt=attempt, selected=sorted(selected), params=params, dim=wire_dim,
                        model_dim=dim, deadline=keys_deadline, stage_timeout=stage_timeout,
-                       peers=neighbour_graph(sorted(selected), degree))
+                       peers=neighbour_graph(sorted(selected), degree), verifier=verifier)
 
 
 # Distributed DP: the noised sum must stay within ±2^(bits-1) per coordinate
@@ -376,8 +406,11 @@ def ddg_params(base: SecAggParams, n_selected: int, dim: int, clip: float, noise
 
 
 def round_params(mode: str, n_selected: int, degree: int, threshold: float, qbits: int, value_range: float,
-                 clip: float) -> SecAggParams:
-    """The task's SecAggParams for a selection of ``n_selected``: threshold and modulus worked out."""
+                 clip: float, max_weight: int = 0) -> SecAggParams:
+    """The task's SecAggParams for a selection of ``n_selected``: threshold and modulus worked out.
+
+    ``max_weight`` > 0 makes the round weighted (weights 1..max_weight, below 2^qbits).
+    """
     from edge_agent.secagg.quantize import MAX_MODULUS_BITS, modulus_bits
 
     peers = n_selected - 1 if mode == "secagg" or degree <= 0 or degree >= n_selected - 1 else degree
@@ -387,9 +420,11 @@ def round_params(mode: str, n_selected: int, degree: int, threshold: float, qbit
         t = max(1, math.ceil(threshold * peers))
     else:
         t = default_threshold(peers)
+    if not 0 <= max_weight < 1 << qbits:
+        raise ValueError(f"max_weight {max_weight} must be below 2^{qbits} (it travels as one quantized coordinate)")
     bits = modulus_bits(qbits, n_selected)
     if bits > MAX_MODULUS_BITS:
         raise ValueError(f"{n_selected} devices at {qbits} quantization bits need a {bits}-bit sum; "
                          f"the masked vector carries {MAX_MODULUS_BITS}: lower [secagg] bits or select fewer")
     return SecAggParams(mode=mode, threshold=max(1, min(t, max(1, peers))), qbits=qbits,
-                        bits=bits, range=value_range, clip=clip)
+                        bits=bits, range=value_range, clip=clip, max_weight=max_weight)

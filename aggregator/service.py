@@ -75,6 +75,13 @@ class AggregatorService:
         # later gets a larger one, which is how agents tell it from a replay.
         self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state, records,
                                        run=run_id(clock()))
+        b = config.broker
+        if config.secagg.enabled and config.secagg.signed_keys and b.cert_file and b.ca_file:
+            # A provisioned federation: devices sign their round keys with
+            # their certificates, so unsigned ones are dropped here already.
+            from edge_agent.secagg.identity import PeerVerifier
+
+            self.coordinator.secagg_verifier = PeerVerifier(b.ca_file, config.federation)
         self.onnx = OnnxPublisher(config) if config.onnx.every else None
         # Everything agents act on is signed when a key is configured.
         self.signer = Signer(config.security.signing_key) if config.security.signing_key else None

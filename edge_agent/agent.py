@@ -142,6 +142,11 @@ class AgentCore:
     reason: str = ""
     # Pinned model-signing keys: when set, only signed models and tasks count.
     verifier: Verifier | None = None
+    # In a provisioned federation: this device's certificate and key sign its
+    # secure-aggregation keys, and peers' advertisements are checked against
+    # the federation's CA (edge_agent.secagg.identity).
+    secagg_identity: object | None = None
+    secagg_verifier: object | None = None
     # The device's side of the open secure-aggregation round (edge_agent.secagg.client).
     secagg_client: object | None = field(default=None, init=False)
     # Keep the local sample count out of the public retained status. Turned
@@ -441,8 +446,10 @@ class AgentCore:
             # and masked (stage 3); this starts the protocol with our keys.
             from .secagg.client import SecAggClient
 
+            weight = min(max(1, self.data.num_samples), t.secagg.max_weight) if t.secagg.max_weight else 1
             self.secagg_client = SecAggClient(self.fed, self.agent_id, round_number, attempt, t.selected, t.secagg,
-                                              m.spec.flatten(delta))
+                                              m.spec.flatten(delta), identity=self.secagg_identity,
+                                              verifier=self.secagg_verifier, weight=weight)
             self.updates_sent += 1
             from .secagg.messages import encode as encode_secagg
 

@@ -20,6 +20,13 @@ class AgentSecurityConfig:
                           "empty: accept unsigned (development only)"},
     )
 
+    sign_secagg_keys: bool = field(
+        default=True,
+        metadata={"help": "in a provisioned federation (broker cert_file, key_file and ca_file set): sign secure-"
+                          "aggregation keys with this device's certificate and take part only with peers whose keys "
+                          "are signed by theirs"},
+    )
+
     def problems(self) -> list[tuple[str, str]]:
         bad = [k for k in self.trusted_keys if not valid_public_key(k)]
         return [("trusted_keys", f"must be raw Ed25519 public keys as 64 hex digits, got {bad}")] if bad else []

@@ -92,6 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def secagg_identity(cfg) -> tuple[object | None, object | None]:
+    """(DeviceIdentity, PeerVerifier) of a provisioned device, or (None, None).
+
+    Provisioned means the broker section names a client certificate, its key
+    and the CA. A device without the ``cryptography`` package cannot take part
+    in secure aggregation at all, so it needs neither.
+    """
+    b = cfg.broker
+    if not (cfg.security.sign_secagg_keys and b.cert_file and b.key_file and b.ca_file):
+        return None, None
+    try:
+        from .secagg.identity import DeviceIdentity, PeerVerifier
+    except ImportError:
+        return None, None
+    identity = DeviceIdentity(b.cert_file, b.key_file)
+    if identity.common_name != cfg.agent_id:
+        raise ValueError(f"{b.cert_file} is the certificate of {identity.common_name!r}, not of agent "
+                         f"{cfg.agent_id!r}: peers would refuse its keys")
+    return identity, PeerVerifier(b.ca_file, cfg.federation)
+
+
 def agent_main(argv: list[str]) -> int:
     """``fedmqtt agent``: one device."""
     from .agent import AgentCore, AgentRunner
@@ -121,8 +142,13 @@ def agent_main(argv: list[str]) -> int:
     else:
         logging.getLogger("fedmqtt.agent").warning(
             "no [security] trusted_keys: models and tasks are accepted unsigned (development only)")
+    try:
+        identity, peer_verifier = secagg_identity(cfg)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"fedmqtt agent: broker.cert_file/key_file: cannot sign secure-aggregation keys: {exc}\n")
+        return 2
     core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed, verifier=verifier,
-                     private=cfg.hide_sample_count)
+                     private=cfg.hide_sample_count, secagg_identity=identity, secagg_verifier=peer_verifier)
     where = f"agent {cfg.agent_id} of federation {cfg.federation} on {cfg.broker.host}:{cfg.broker.port}"
 
     # systemd (Type=notify): READY=1 once the broker accepted us, STOPPING=1 on the way out.

@@ -153,6 +153,10 @@ class SecAggParams:
     bits: int  # modulus 2^bits of the masked sum (qbits + ceil(log2 n): the sum never wraps)
     range: float  # coordinates are clamped to [-range, range] before quantization
     clip: float = 0.0  # the whole update is first clipped to this L2 norm (0: no clipping)
+    # Weighted rounds (FedAvg by sample count): each device sends its update
+    # times w / max_weight, w = min(samples, max_weight), and then w itself as
+    # one extra coordinate. 0: every update counts once (always so under DP).
+    max_weight: int = 0
     # Distributed DP (Kairouz, Liu, Steinke 2021), all 0/empty when off: the
     # update is clipped to dp_clip, rotated (randomized Hadamard, public
     # rotation_seed, 64 hex digits), divided by the grid step dp_gamma,
@@ -594,6 +598,8 @@ def decode(
 def _secagg_map(p: SecAggParams) -> dict[str, Any]:
     m = {"mode": p.mode, "threshold": p.threshold, "qbits": p.qbits, "bits": p.bits, "range": float(p.range),
          "clip": float(p.clip)}
+    if p.max_weight > 0:
+        m["max_weight"] = p.max_weight
     if p.dp_sigma > 0:
         m.update(dp_sigma=float(p.dp_sigma), dp_gamma=float(p.dp_gamma), dp_clip=float(p.dp_clip),
                  rotation_seed=p.rotation_seed)
@@ -604,6 +610,8 @@ def _secagg_params(m: dict) -> SecAggParams:
     r = _Reader(m, "task.secagg")
     p = SecAggParams(mode=r.text("mode"), threshold=r.pos_int("threshold"), qbits=r.pos_int("qbits"),
                      bits=r.pos_int("bits"), range=r.pos_float("range"), clip=r.nonneg_float("clip"))
+    if "max_weight" in m:
+        p.max_weight = r.pos_int("max_weight")
     if "dp_sigma" in m:
         p.dp_sigma, p.dp_gamma, p.dp_clip = r.pos_float("dp_sigma"), r.pos_float("dp_gamma"), r.pos_float("dp_clip")
         p.rotation_seed = r.text("rotation_seed")
@@ -613,6 +621,9 @@ def _secagg_params(m: dict) -> SecAggParams:
         raise WireError("bad_field", f"task.secagg.mode must be one of {SECAGG_MODES}, got {p.mode!r}")
     if not p.qbits <= p.bits <= 32:
         raise WireError("bad_field", f"task.secagg needs qbits <= bits <= 32, got {p.qbits} and {p.bits}")
+    if p.max_weight >= 1 << p.qbits or (p.max_weight and p.dp_sigma):
+        raise WireError("bad_field", f"task.secagg.max_weight must be below 2^qbits and not set with DP, "
+                                     f"got {p.max_weight}")
     return p
 
 

@@ -124,12 +124,16 @@ def grid_inputs(names, dim, seed=0):
 class Harness:
     """Devices and the aggregator round exchanging encoded messages; devices can drop at any stage."""
 
-    def __init__(self, n=10, dim=500, mode="secagg", degree=0, threshold=0):
+    def __init__(self, n=10, dim=500, mode="secagg", degree=0, threshold=0, max_weight=0, weights=None,
+                 identities=None, verifier=None):
         self.names = [f"d{i:02d}" for i in range(n)]
-        self.params = round_params(mode, n, degree, threshold, QBITS, RANGE, 0.0)
+        self.params = round_params(mode, n, degree, threshold, QBITS, RANGE, 0.0, max_weight)
         self.ks, self.xs = grid_inputs(self.names, dim)
-        self.srv = make_round(FED, 1, 0, self.names, self.params, degree, dim, 100.0, 10.0)
-        self.clients = {a: SecAggClient(FED, a, 1, 0, self.names, self.params, self.xs[a]) for a in self.names}
+        self.srv = make_round(FED, 1, 0, self.names, self.params, degree, dim, 100.0, 10.0, verifier=verifier)
+        self.clients = {a: SecAggClient(FED, a, 1, 0, self.names, self.params, self.xs[a],
+                                        weight=(weights or {}).get(a, 1),
+                                        identity=(identities or {}).get(a), verifier=verifier)
+                        for a in self.names}
         self.dead: set[str] = set()
         self.seen: dict[str, list] = {}  # what each device sent, by stage
 
@@ -544,3 +548,62 @@ def test_reported_epsilon_with_secagg_matches_dp_accounting_on_the_noise_measure
     # and at exactly t - 1 others (the worst case the calibration is for) the two agree
     worst = protecting * math.sqrt((p.threshold - 1) / (len(h.names) - 1))
     assert reported == pytest.approx(reference_epsilon(0.1, [worst / sensitivity], ROUNDS), rel=0.03)
+
+
+# -- weighted rounds ------------------------------------------------------------------
+
+def test_a_weighted_round_gives_the_sample_weighted_mean_and_the_exact_total_weight():
+    """FedAvg weights by samples: the weight travels masked in one more coordinate, scaled updates in the rest."""
+    n, dim, cap = 8, 300, 1000
+    rng = np.random.default_rng(3)
+    weights = {f"d{i:02d}": int(w) for i, w in enumerate(rng.integers(1, cap + 1, n))}
+    h = Harness(n=n, dim=dim, max_weight=cap, weights=weights)
+    h.xs = {a: rng.uniform(-0.5, 0.5, dim) for a in h.names}
+    for a, c in h.clients.items():
+        c.update = h.xs[a]
+    srv = h.run()
+    assert srv.stage == "done" and srv.dim == dim + 1
+    assert int(srv.sum_int[-1]) == sum(weights.values())  # the exact total weight, as an integer
+    total_w = sum(weights.values())
+    weighted_mean = sum(weights[a] * h.xs[a] for a in h.names) / total_w
+    # Each device's stochastic rounding moves its scaled input by under one
+    # step; the mean multiplies the sum's error by max_weight / total weight.
+    step = 2 * RANGE / levels(QBITS)
+    np.testing.assert_allclose(srv.result / srv.weight, weighted_mean, atol=n * step * cap / total_w)
+    # and it is not the unweighted mean (the weights differ enough to tell)
+    assert np.abs(srv.result / srv.weight - sum(h.xs.values()) / n).max() > 10 * n * step * cap / total_w
+
+
+def test_an_impossible_total_weight_aborts_the_round():
+    """A device that hides a huge weight under its mask is found out by the total: nothing is released."""
+    h = Harness(n=5, dim=20, max_weight=100, weights={f"d{i:02d}": 50 for i in range(5)})
+    real = h.clients["d00"].on_route
+
+    def lying(msg):
+        out = real(msg)
+        out.masked[-1] = (int(out.masked[-1]) + 10_000) % (1 << h.params.bits)
+        return out
+
+    h.clients["d00"].on_route = lying
+    srv = h.run()
+    assert srv.stage == "aborted" and "weights sum to" in srv.why and srv.result is None
+
+
+def test_a_weight_outside_the_rounds_range_is_refused_by_the_device():
+    h = Harness(n=4, dim=10, max_weight=100, weights={"d00": 101})
+    with pytest.raises(SecAggError) as exc:
+        h.run()
+    assert exc.value.reason == "bad_weight"
+
+
+def test_max_weight_must_fit_the_quantization_and_never_comes_with_dp():
+    with pytest.raises(ValueError, match="below 2"):
+        round_params("secagg", 5, 0, 0, 8, 1.0, 0.0, 256)
+    task = wire.TaskMsg(FED, 1, "v", selected=["a"], secagg=wire.SecAggParams(
+        "secagg", 2, 8, 11, 1.0, max_weight=255))
+    assert wire.decode(wire.encode(task), expect="task").secagg.max_weight == 255
+    for bad in (dict(max_weight=256), dict(max_weight=3, dp_sigma=1.0, dp_gamma=1.0, dp_clip=1.0,
+                                            rotation_seed="ab" * 32)):
+        task.secagg = wire.SecAggParams("secagg", 2, 8, 11, 1.0, **bad)
+        with pytest.raises(wire.WireError, match="max_weight"):
+            wire.decode(wire.encode(task), expect="task")

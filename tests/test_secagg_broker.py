@@ -59,9 +59,9 @@ class SADevice:
     the inbox message that starts this stage (to freeze the round there).
     """
 
-    def __init__(self, broker, fed: str, name: str, die_after: int = 0, hold_at: int = 0) -> None:
+    def __init__(self, broker, fed: str, name: str, die_after: int = 0, hold_at: int = 0, samples: int = 1) -> None:
         self.fed, self.name, self.t = fed, name, Topics(fed)
-        self.die_after, self.hold_at = die_after, hold_at
+        self.die_after, self.hold_at, self.samples = die_after, hold_at, samples
         self.client: SecAggClient | None = None
         self.sent: dict[tuple[int, int], int] = {}  # (round, attempt) -> last stage sent
         self.held = threading.Event()
@@ -78,7 +78,7 @@ class SADevice:
         assert connected.wait(WAIT_S)
         self.c.subscribe([(self.t.task, 1), (self.t.inbox(name), 1)])
         time.sleep(0.05)
-        self.c.publish(self.t.status(name), wire.encode(wire.StatusMsg(fed, 0, name, "online", 1, ["linear"])),
+        self.c.publish(self.t.status(name), wire.encode(wire.StatusMsg(fed, 0, name, "online", samples, ["linear"])),
                        qos=1, retain=True).wait_for_publish(WAIT_S)
 
     def _send(self, stage: int, msg) -> None:
@@ -99,8 +99,9 @@ class SADevice:
                     return
                 k, x = grid_update(self.name, task.attempt)
                 self.inputs[key] = k
+                weight = min(self.samples, task.secagg.max_weight) if task.secagg.max_weight else 1
                 self.client = SecAggClient(self.fed, self.name, task.round, task.attempt, task.selected,
-                                           task.secagg, x)
+                                           task.secagg, x, weight=weight)
                 self._send(1, self.client.advertise())
                 return
             msg = M.decode(m.payload, fed=self.fed, kinds=M.SERVER_KINDS)
@@ -200,6 +201,32 @@ def test_ten_devices_exact_sum_and_the_model_is_fedavg_of_their_inputs(fed, brok
             x = k * (2 * RANGE / levels(QBITS)) - RANGE
             for enc in (k.astype("<u4"), k.astype("<u8"), x.astype("<f4"), x.astype("<f8")):
                 assert enc.tobytes()[:32] not in disk, f"{d.name}'s input is on disk"
+    finally:
+        for d in devices:
+            d.close()
+
+
+@pytest.mark.parametrize("max_weight", [0, 300], ids=["cap-from-statuses", "configured-cap"])
+def test_updates_are_weighted_by_the_sample_counts_the_devices_report(fed, broker, broker_config, tmp_path,
+                                                                     start_aggregator, capture_rounds, max_weight):
+    samples = [50, 100, 200, 400, 800]
+    devices = [SADevice(broker, fed, f"d{i:02d}", samples=s) for i, s in enumerate(samples)]
+    cfg = sa_config(fed, broker_config, tmp_path, len(devices), max_weight=max_weight)
+    initial = Model(cfg.model.spec()).init_params(cfg.model.seed)
+    agg = start_aggregator(cfg)
+    try:
+        agg.wait_finished()
+        (rnd,) = capture_rounds
+        cap = max_weight or max(samples)
+        weights = [min(s, cap) for s in samples]
+        assert rnd.stage == "done" and rnd.params.max_weight == cap
+        assert int(rnd.sum_int[-1]) == sum(weights)  # the total weight, exact
+        xs = [d.inputs[(1, 0)] * (2 * RANGE / levels(QBITS)) - RANGE for d in devices]
+        mean = sum(w * x for w, x in zip(weights, xs)) / sum(weights)
+        got = np.concatenate([(agg.coordinator.params[k] - initial[k]).ravel() for k in ("W0", "b0")])
+        tol = len(devices) * (2 * RANGE / levels(QBITS)) * cap / sum(weights) + 1e-6  # rounding of scaled inputs
+        np.testing.assert_allclose(got, mean, atol=tol)
+        assert np.abs(got - sum(xs) / len(xs)).max() > 10 * tol  # and not the unweighted mean
     finally:
         for d in devices:
             d.close()
@@ -326,6 +353,13 @@ def test_secure_aggregation_config_errors_name_the_key():
         from_dict(AggregatorConfig, {**base, "strategy": {"name": "median"}})
     with pytest.raises(ConfigError, match="secagg.bits"):
         from_dict(AggregatorConfig, {"secagg": {"mode": "secagg", "bits": 30}})
+    with pytest.raises(ConfigError, match="secagg.weighting"):  # DP needs a fixed denominator
+        from_dict(AggregatorConfig, {**base, "secagg": {"mode": "secagg", "weighting": "samples"},
+                                     "privacy": {"mode": "distributed", "expected_per_round": 50, "population": 100}})
+    with pytest.raises(ConfigError, match="secagg.weighting"):
+        from_dict(AggregatorConfig, {"secagg": {"mode": "secagg", "weighting": "by-size"}})
+    with pytest.raises(ConfigError, match="secagg.max_weight"):  # the weight is one 8-bit coordinate here
+        from_dict(AggregatorConfig, {"secagg": {"mode": "secagg", "bits": 8, "max_weight": 256}})
     cfg = from_dict(AggregatorConfig, {**base, "privacy": {"mode": "distributed", "expected_per_round": 50,
                                                            "population": 100}})
     assert cfg.secagg.mode == "secagg"

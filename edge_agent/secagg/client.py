@@ -67,10 +67,17 @@ class SecAggClient:
 
     ``selected`` is the task's selection (share points are positions in it,
     from 1); ``update`` is the device's float update flattened in spec order.
+    In a provisioned federation ``identity`` signs this device's keys and
+    ``verifier`` checks every peer's (:mod:`.identity`): a peer whose keys
+    are unsigned or signed by anyone but that peer makes the device refuse
+    the round rather than share a secret with keys the aggregator may hold.
+    ``weight`` (from 1 to ``params.max_weight``) scales the update and is
+    sent in one more coordinate when the round is weighted.
     """
 
     def __init__(self, fed: str, agent: str, rnd: int, attempt: int, selected: list[str],
-                 params: SecAggParams, update: np.ndarray) -> None:
+                 params: SecAggParams, update: np.ndarray, *, identity=None, verifier=None,
+                 weight: int = 1) -> None:
         if agent not in selected:
             raise SecAggError("not_selected", f"{agent} is not in the selection")
         self.fed, self.agent, self.round, self.attempt = fed, agent, rnd, attempt
@@ -88,6 +95,8 @@ class SecAggClient:
         self.revealed_self: set[str] = set()
         self.revealed_key: set[str] = set()
         self.problems: list[tuple[str, str]] = []  # (reason, detail) of shares we could not open
+        self.identity, self.verifier = identity, verifier
+        self.weight = weight
 
     def _check(self, msg, stage: str) -> None:
         if (msg.fed, msg.round, msg.attempt) != (self.fed, self.round, self.attempt):
@@ -96,8 +105,15 @@ class SecAggClient:
             raise SecAggError("wrong_stage", f"{type(msg).__name__} while at stage {self.stage}")
 
     def advertise(self) -> SAKeys:
-        """Stage 1: the public keys."""
-        return SAKeys(self.fed, self.round, self.attempt, self.agent, self.c_pk, self.s_pk)
+        """Stage 1: the public keys (signed with the device's identity when it has one)."""
+        msg = SAKeys(self.fed, self.round, self.attempt, self.agent, self.c_pk, self.s_pk)
+        if self.identity is not None:
+            from .identity import signed_bytes
+
+            msg.sig = self.identity.sign(signed_bytes(self.fed, self.round, self.attempt, self.agent,
+                                                      self.c_pk, self.s_pk))
+            msg.cert = self.identity.cert_der
+        return msg
 
     def on_peers(self, msg: SAPeers) -> SAShares:
         """Stage 2: split the mask key and the self-mask seed among the peers, sealed for each."""
@@ -108,8 +124,15 @@ class SecAggClient:
         t = self.params.threshold
         if len(peers) < t:
             raise SecAggError("too_few_peers", f"{len(peers)} peers for a threshold of {t}")
-        if len({k for pair in peers.values() for k in pair}) != 2 * len(peers):
+        if len({k for keys in peers.values() for k in keys[:2]}) != 2 * len(peers):
             raise SecAggError("bad_peers", "two peers (or one peer's two keys) share a public key")
+        if self.verifier is not None:
+            from .identity import signed_bytes
+
+            for a, keys in sorted(peers.items()):
+                sig, cert = keys[2:4] if len(keys) == 4 else (b"", b"")
+                self.verifier.verify(a, signed_bytes(self.fed, self.round, self.attempt, a, keys[0], keys[1]),
+                                     sig, cert)
         xs = [self.point[a] for a in sorted(peers)]
         key_shares = shamir.split(self.s_sk, xs, t)
         seed_shares = shamir.split(self.b_seed, xs, t)
@@ -164,10 +187,20 @@ class SecAggClient:
         return SAMasked(self.fed, self.round, self.attempt, self.agent, y.astype("<u4"))
 
     def _quantized(self) -> np.ndarray:
-        """The update clipped and quantized to [0, 2^qbits) (no DP)."""
+        """The update clipped and quantized to [0, 2^qbits) (no DP).
+
+        A weighted round (``max_weight`` > 0) sends (w / max_weight) times the
+        clipped update, then w itself as one more, exact, coordinate: the sum
+        gives the weighted sum and the total weight, nothing about one device.
+        """
         p = self.params
         update = _clip(self.update, p.clip)
-        return quantize(update, p.range, p.qbits, np.asarray(crypto_uniform(update.size)))
+        if p.max_weight > 0:
+            if not 1 <= self.weight <= p.max_weight:
+                raise SecAggError("bad_weight", f"weight {self.weight} outside 1..{p.max_weight}")
+            update = update * (self.weight / p.max_weight)
+        q = quantize(update, p.range, p.qbits, np.asarray(crypto_uniform(update.size)))
+        return np.append(q, np.uint64(self.weight)) if p.max_weight > 0 else q
 
     def _noised_integers(self) -> np.ndarray:
         """Distributed discrete Gaussian (Kairouz, Liu, Steinke 2021): this device's noised integer vector mod 2^bits.

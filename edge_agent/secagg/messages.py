@@ -24,11 +24,20 @@ PUBLIC_KEY_BYTES = 32
 # tag (16), about 180 bytes; anything much larger is not one.
 MAX_SEALED_BYTES = 512
 SHARE_BYTES = 66
+# A P-256 ECDSA signature in DER is at most 72 bytes.
+MAX_SIGNATURE_BYTES = 80
+# A provisioned device certificate in DER is about 550 bytes; a few kB leaves
+# room for longer names without letting one device flood its peers' inboxes.
+MAX_CERT_BYTES = 4096
 
 
 @dataclass
 class SAKeys:
-    """Stage 1: the device's two X25519 public keys (c: share encryption, s: mask agreement)."""
+    """Stage 1: the device's two X25519 public keys (c: share encryption, s: mask agreement).
+
+    In a provisioned federation also ``sig``, the device's signature over
+    them, and ``cert``, its certificate (DER); see :mod:`.identity`.
+    """
 
     fed: str
     round: int
@@ -36,6 +45,8 @@ class SAKeys:
     agent: str
     c_pk: bytes
     s_pk: bytes
+    sig: bytes = b""
+    cert: bytes = b""
 
 
 @dataclass
@@ -74,12 +85,12 @@ class SAUnmask:
 
 @dataclass
 class SAPeers:
-    """To one device: its peers (neighbours that advertised keys), id -> (c_pk, s_pk)."""
+    """To one device: its peers (neighbours that advertised keys), id -> (c_pk, s_pk[, sig, cert])."""
 
     fed: str
     round: int
     attempt: int
-    peers: dict[str, tuple[bytes, bytes]]
+    peers: dict[str, tuple[bytes, ...]]
 
 
 @dataclass
@@ -114,6 +125,8 @@ def encode(msg: Message) -> bytes:
          "attempt": msg.attempt}
     if isinstance(msg, SAKeys):
         m.update(agent=msg.agent, c_pk=msg.c_pk, s_pk=msg.s_pk)
+        if msg.sig or msg.cert:
+            m.update(sig=msg.sig, cert=msg.cert)
     elif isinstance(msg, SAShares):
         m.update(agent=msg.agent, shares=dict(msg.shares))
     elif isinstance(msg, SAMasked):
@@ -121,7 +134,7 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, SAUnmask):
         m.update(agent=msg.agent, self_shares=dict(msg.self_shares), key_shares=dict(msg.key_shares))
     elif isinstance(msg, SAPeers):
-        m.update(peers={a: [c, s] for a, (c, s) in msg.peers.items()})
+        m.update(peers={a: list(keys) for a, keys in msg.peers.items()})
     elif isinstance(msg, SARoute):
         m.update(sealed=dict(msg.sealed))
     else:
@@ -146,6 +159,14 @@ def _key(r: wire.FieldReader, key: str) -> bytes:
     return v
 
 
+def _proof(sig: bytes, cert: bytes, where: str) -> tuple[bytes, bytes]:
+    """A signature and certificate of a key advertisement, bounded in size (both empty: unsigned)."""
+    if len(sig) > MAX_SIGNATURE_BYTES or len(cert) > MAX_CERT_BYTES or bool(sig) != bool(cert):
+        raise wire.WireError("bad_field", f"{where}: sig (<= {MAX_SIGNATURE_BYTES} bytes) and cert "
+                                          f"(<= {MAX_CERT_BYTES} bytes) come together")
+    return sig, cert
+
+
 def _ids(r: wire.FieldReader, key: str) -> list[str]:
     v = r.get(key, list)
     if not all(wire.valid_id(a) for a in v) or len(set(v)) != len(v):
@@ -168,7 +189,8 @@ def decode(payload: bytes, *, fed: str, kinds: tuple[str, ...], max_bytes: int =
         raise wire.WireError("wrong_federation", f"message for federation {msg_fed!r}, expected {fed!r}")
     head = dict(fed=msg_fed, round=r.nonneg_int("round"), attempt=r.nonneg_int("attempt"))
     if kind == "sa_keys":
-        return SAKeys(**head, agent=r.id("agent"), c_pk=_key(r, "c_pk"), s_pk=_key(r, "s_pk"))
+        sig, cert = _proof(r.optional("sig", bytes, b""), r.optional("cert", bytes, b""), r.where)
+        return SAKeys(**head, agent=r.id("agent"), c_pk=_key(r, "c_pk"), s_pk=_key(r, "s_pk"), sig=sig, cert=cert)
     if kind == "sa_shares":
         return SAShares(**head, agent=r.id("agent"), shares=_bin_map(r, "shares", None, MAX_SEALED_BYTES))
     if kind == "sa_masked":
@@ -181,11 +203,13 @@ def decode(payload: bytes, *, fed: str, kinds: tuple[str, ...], max_bytes: int =
                         key_shares=_bin_map(r, "key_shares", SHARE_BYTES, SHARE_BYTES))
     if kind == "sa_peers":
         peers = {}
-        for a, pair in r.get("peers", dict).items():
-            if not wire.valid_id(a) or not isinstance(pair, list) or len(pair) != 2 or not all(
-                    isinstance(k, bytes) and len(k) == PUBLIC_KEY_BYTES for k in pair):
-                raise wire.WireError("bad_key", "sa_peers.peers must map agent ids to [c_pk, s_pk] of 32 bytes each")
-            peers[a] = (pair[0], pair[1])
+        for a, keys in r.get("peers", dict).items():
+            if not wire.valid_id(a) or not isinstance(keys, list) or len(keys) not in (2, 4) or not all(
+                    isinstance(k, bytes) for k in keys) or any(len(k) != PUBLIC_KEY_BYTES for k in keys[:2]):
+                raise wire.WireError("bad_key", "sa_peers.peers must map agent ids to [c_pk, s_pk] of 32 bytes "
+                                                "each, or [c_pk, s_pk, sig, cert]")
+            proof = _proof(keys[2], keys[3], f"{r.where}.peers[{a}]") if len(keys) == 4 else ()
+            peers[a] = (keys[0], keys[1], *proof)
         return SAPeers(**head, peers=peers)
     if kind == "sa_route":
         return SARoute(**head, sealed=_bin_map(r, "sealed", None, MAX_SEALED_BYTES))
