@@ -11,7 +11,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Any
+
 from edge_agent.config import BrokerConfig
+from edge_agent.model_api import FedModel, ModelError
+from edge_agent.model_loader import load_model
 from edge_agent.signing import valid_public_key
 from edge_agent.spec import MODEL_KINDS, ModelSpec, spec_problems
 from edge_agent.wire import valid_id
@@ -23,17 +27,37 @@ from .strategies import STRATEGIES
 class ModelConfig:
     """The global model's architecture and initialisation."""
 
-    kind: str = field(default="softmax", metadata={"help": f"model kind: {'|'.join(MODEL_KINDS)}"})
-    n_features: int = field(default=64, metadata={"help": "input features"})
-    n_outputs: int = field(default=10, metadata={"help": "classes (1 for linear regression)"})
+    kind: str = field(default="softmax", metadata={
+        "help": f"model kind: {'|'.join(MODEL_KINDS)}, or your own as 'package.module:ClassName' (or an entry-point "
+                "name of group fedmqtt.models); the agents name the same"})
+    n_features: int = field(default=64, metadata={"help": "input features (built-in kinds)"})
+    n_outputs: int = field(default=10, metadata={"help": "classes, 1 for linear regression (built-in kinds)"})
     hidden: list[int] = field(default_factory=list, metadata={"help": "mlp hidden layer sizes"})
     seed: int = field(default=0, metadata={"help": "seed of the initial parameters"})
+    options: dict = field(default_factory=dict, metadata={
+        "help": "[model.options]: keyword arguments of a custom model's class (the agents use the same)"})
+    _built: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def build(self) -> FedModel:
+        """The model object (a custom class is imported and instantiated once)."""
+        if self._built is None:
+            self._built = load_model(self.kind, self.options, n_features=self.n_features, n_outputs=self.n_outputs,
+                                     hidden=tuple(self.hidden))
+        return self._built
 
     def spec(self) -> ModelSpec:
-        return ModelSpec(self.kind, self.n_features, self.n_outputs, tuple(self.hidden))
+        if self.kind in MODEL_KINDS:
+            return ModelSpec(self.kind, self.n_features, self.n_outputs, tuple(self.hidden))
+        return self.build().spec
 
     def problems(self) -> list[tuple[str, str]]:
-        return spec_problems(self.kind, self.n_features, self.n_outputs, tuple(self.hidden))
+        if self.kind in MODEL_KINDS and not self.options:
+            return spec_problems(self.kind, self.n_features, self.n_outputs, tuple(self.hidden))
+        try:
+            self.build()
+        except ModelError as exc:
+            return [("kind" if exc.reason == "unknown_model" else "options", exc.detail)]
+        return []
 
 
 @dataclass

@@ -44,7 +44,6 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from edge_agent import dp, wire
-from edge_agent.models import Model
 from edge_agent.mqtt import Publish
 from edge_agent.topics import Topics
 
@@ -232,7 +231,7 @@ class Coordinator:
         if state is None:
             log.info("federation %s: new run %d", config.federation, run)
             self.round = 0
-            self.params: Params = Model(self.spec).init_params(config.model.seed)
+            self.params: Params = config.model.build().init_params(config.model.seed)
             self.rng = np.random.default_rng(config.round.seed)
             self.attempt = 0
             self.history: list[RoundSummary] = []

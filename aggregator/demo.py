@@ -22,7 +22,7 @@ from typing import TextIO
 import numpy as np
 
 from edge_agent.config import BrokerConfig
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.mqtt import Loop
 from edge_agent.training import train_local
 from edge_agent.wire import TrainConfig
@@ -101,7 +101,7 @@ class DemoResult:
 
 def centralized_baseline(opts: DemoOptions, X: np.ndarray, y: np.ndarray, X_te: np.ndarray, y_te: np.ndarray) -> float:
     """Test accuracy of the same model trained on the pooled training data."""
-    model = Model(_model_config(opts).spec())
+    model = BuiltinModel(_model_config(opts).spec())
     params = model.init_params(opts.seed)
     cfg = TrainConfig(epochs=BASELINE_EPOCHS, batch_size=opts.batch_size, lr=opts.lr)
     params, _ = train_local(model, params, X, y, cfg, BASELINE_SEED)
@@ -165,7 +165,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 # (With secure aggregation every agent must be online before
                 # a draw, or small draws would be charged and wasted.)
                 config.round.min_agents = 1
-            model = Model(config.model.spec())
+            model = BuiltinModel(config.model.spec())
             agg_loop = Loop()
             loops.append(agg_loop)
             service = AggregatorService(

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent import __version__
+from edge_agent.model_api import FedModel
 from edge_agent.spec import ModelSpec
 
 # IR 8 / opset 17: the onnx package stamps its newest IR version by default,
@@ -122,6 +123,43 @@ def to_onnx_bytes(spec: ModelSpec, params: Mapping[str, np.ndarray], **info) -> 
     data = to_onnx(spec, params, check=False, **info).SerializeToString()
     onnx.checker.check_model(data, full_check=True)
     return data
+
+
+class OnnxUnavailable(ValueError):
+    """A model that has no ONNX graph, or gave one that breaks the graph contract."""
+
+
+def model_to_onnx_bytes(model: FedModel, params: Mapping[str, np.ndarray], *, federation: str, round: int,
+                        version: str, class_labels: list[str] | None = None) -> bytes:
+    """The checked ONNX bytes of any model: built-in graphs from here, a custom model's from its ``to_onnx``.
+
+    A custom graph gets the same fedmqtt metadata as the built-in ones and
+    must take the same input (``input``, float32 [batch, n_features]).
+    """
+    spec = model.spec
+    if spec.builtin:
+        return to_onnx_bytes(spec, params, federation=federation, round=round, version=version,
+                             class_labels=class_labels)
+    data = model.to_onnx(params)
+    if data is None:
+        raise OnnxUnavailable(f"model {spec.kind!r} has no ONNX graph (its to_onnx returned None)")
+    graph = onnx.load_from_string(data) if isinstance(data, (bytes, bytearray)) else data
+    inputs = [i.name for i in graph.graph.input if i.name not in {t.name for t in graph.graph.initializer}]
+    if inputs != [INPUT]:
+        raise OnnxUnavailable(f"model {spec.kind!r}: the ONNX graph must take one input {INPUT!r} "
+                              f"(float32 [batch, {spec.n_features}]), it takes {inputs}")
+    labels = class_labels if class_labels is not None else [str(c) for c in range(spec.n_outputs)]
+    meta = metadata(graph)
+    meta.update({
+        "fedmqtt_version": __version__, "federation": federation, "round": str(round), "model_version": version,
+        "model_kind": spec.kind, "n_features": str(spec.n_features), "n_outputs": str(spec.n_outputs),
+        "hidden": "[]", "class_labels": json.dumps(labels if model.classifier else []),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    helper.set_model_props(graph, meta)
+    out = graph.SerializeToString()
+    onnx.checker.check_model(out, full_check=True)
+    return out
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:

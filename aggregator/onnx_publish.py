@@ -55,8 +55,8 @@ class OnnxPublisher:
 
     def export(self, round_number: int, version: str, params: Mapping[str, np.ndarray]) -> Publish:
         """Write the files and return the retained publish of the bytes."""
-        data = self._export.to_onnx_bytes(
-            self.config.model.spec(),
+        data = self._export.model_to_onnx_bytes(
+            self.config.model.build(),
             params,
             federation=self.config.federation,
             round=round_number,

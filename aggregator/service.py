@@ -16,7 +16,6 @@ from typing import Callable
 
 from edge_agent import wire
 from edge_agent.data import load as load_data
-from edge_agent.models import Model
 from edge_agent.mqtt import Connection, Loop, Publish
 from edge_agent.signing import Signer
 
@@ -82,7 +81,7 @@ class AggregatorService:
             from edge_agent.secagg.identity import PeerVerifier
 
             self.coordinator.secagg_verifier = PeerVerifier(b.ca_file, config.federation)
-        self.onnx = OnnxPublisher(config) if config.onnx.every else None
+        self.onnx = OnnxPublisher(config) if config.onnx.every and self._exportable(config) else None
         # Everything agents act on is signed when a key is configured.
         self.signer = Signer(config.security.signing_key) if config.security.signing_key else None
         self._signed_topics = {self.coordinator.topics.model, self.coordinator.topics.model_onnx,
@@ -101,6 +100,14 @@ class AggregatorService:
             manual_ack=True,
         )
         self._started = False
+
+    @staticmethod
+    def _exportable(config: AggregatorConfig) -> bool:
+        if config.model.build().has_onnx:
+            return True
+        log.warning("model %s defines no to_onnx: no ONNX export (set [onnx] every = 0 to silence this)",
+                    config.model.kind)
+        return False
 
     def start(self) -> None:
         """Connect (from the loop thread or before the loop runs)."""
@@ -168,5 +175,6 @@ class AggregatorService:
 def central_evaluator(config: AggregatorConfig) -> Evaluator:
     """Evaluate every new global model on the configured central test set."""
     X, y = load_data(config.test_data, config.label_column)
-    model = Model(config.model.spec())
+    model = config.model.build()
+    model.check_data(X, y, f"test_data {config.test_data}")
     return lambda params: model.evaluate(params, X, y)

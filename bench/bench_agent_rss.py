@@ -88,7 +88,7 @@ def child_agent(data_path: str, kind: str, rounds: int) -> None:
     from edge_agent.agent import AgentCore, Train
     from edge_agent.mqtt import Publish
     from edge_agent.data import load, split_holdout
-    from edge_agent.models import Model
+    from edge_agent.models import BuiltinModel
     from edge_agent.spec import ModelSpec
     from edge_agent.topics import Topics
 
@@ -97,7 +97,7 @@ def child_agent(data_path: str, kind: str, rounds: int) -> None:
     core = AgentCore(agent_id=AGENT_ID, fed=FED, data=split_holdout(X, y, HOLDOUT, 0), seed=0)
     k, n_in, n_out, hidden = MODELS[kind]
     spec = ModelSpec(k, n_in, n_out, hidden)
-    params = Model(spec).init_params(seed=0)
+    params = BuiltinModel(spec).init_params(seed=0)
     topics = Topics(FED)
     config = wire.TrainConfig(5, 32, 0.1)
     after_load = peak_kib()

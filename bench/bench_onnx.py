@@ -21,7 +21,7 @@ parameters) and an MLP ``ModelSpec("mlp", 784, 10, (1024, 192))``
    providers=["CPUExecutionProvider"])`` whose ``intra_op_num_threads`` is
    set explicitly to ``os.cpu_count()`` (every other option default).
    Baseline, same process: the numpy model
-   ``edge_agent.models.Model(spec).predict_proba(params, X)``, on numpy's
+   ``edge_agent.models.BuiltinModel(spec).predict_proba(params, X)``, on numpy's
    BLAS with its default threads. Batch 1: each timed block is 200
    single-row calls (rows pre-sliced, contiguous); batch 1000: each timed
    call is one 1000-row batch. The ONNX outputs are checked against the
@@ -67,7 +67,7 @@ from _common import Timing, machine_line, time_calls
 from aggregator.onnx_export import to_onnx, to_onnx_bytes
 from aggregator.serve_onnx import load_model
 from edge_agent import wire
-from edge_agent.models import Model, Params
+from edge_agent.models import BuiltinModel, Params
 from edge_agent.spec import ModelSpec
 
 SPECS: dict[str, ModelSpec] = {
@@ -127,7 +127,7 @@ def make_case(name: str, spec: ModelSpec) -> Case:
 
 def check_outputs(case: Case) -> None:
     """Refuse to report figures for an ONNX model that disagrees with the numpy model."""
-    model = Model(case.spec)
+    model = BuiltinModel(case.spec)
     probs, labels = case.session.run(None, {"input": case.batch})
     if not np.allclose(probs, model.predict_proba(case.params, case.batch), rtol=1e-4, atol=1e-6):
         raise SystemExit(f"{case.name}: ONNX probabilities differ from the numpy model")
@@ -188,7 +188,7 @@ def bench_export(cases: list[Case], repeat: int) -> None:
 def bench_inference(cases: list[Case], repeat: int) -> None:
     """Rows/s of onnxruntime next to the numpy model, batch 1 and batch BIG_BATCH."""
     print(
-        f"\n2. Inference: onnxruntime session.run vs numpy Model.predict_proba [baseline] "
+        f"\n2. Inference: onnxruntime session.run vs numpy BuiltinModel.predict_proba [baseline] "
         f"(ORT intra_op_num_threads={THREADS})"
     )
     print(
@@ -196,7 +196,7 @@ def bench_inference(cases: list[Case], repeat: int) -> None:
         f"{'median us/call':>15} {'x numpy (med)':>14}"
     )
     for c in cases:
-        model = Model(c.spec)
+        model = BuiltinModel(c.spec)
         sess, params, rows, batch = c.session, c.params, c.rows, c.batch
 
         def numpy_b1() -> None:

@@ -77,7 +77,7 @@ from aggregator.service import AggregatorService
 from aggregator.sim import Simulation
 from edge_agent import wire
 from edge_agent.config import BrokerConfig
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.mqtt import Connection, Loop
 
 MODEL = ModelConfig(kind="softmax", n_features=64, n_outputs=10)
@@ -233,7 +233,7 @@ def broker_version(binary: str) -> str:
 
 def update_payload(seed: int = 0) -> bytes:
     """An encoded update of the benchmark's model (random delta), as an agent sends it."""
-    params = Model(MODEL.spec()).init_params(seed)
+    params = BuiltinModel(MODEL.spec()).init_params(seed)
     rng = np.random.default_rng(seed)
     delta = {k: rng.standard_normal(v.shape, dtype=np.float32) * np.float32(0.01) for k, v in params.items()}
     return wire.encode(wire.UpdateMsg("bench", 1, "agent-000", "0123456789abcdef", 14, delta, {"train_loss": 0.5}))

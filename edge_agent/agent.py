@@ -14,16 +14,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from . import __version__, dp, wire
 from .agent_store import AgentStore
 from .data import LocalData
 from .eligibility import EligibilityConfig, check_device
-from .models import Model, subtract
+from .model_api import FedModel, ModelError, TrainData
+from .model_loader import model_for_spec
+from .models import subtract
 from .mqtt import Connection, Loop, Publish
 from .signing import SignatureError, Verifier
-from .spec import MODEL_KINDS
+from .spec import MODEL_KINDS, ModelSpec
 from .topics import Topics
-from .training import round_seed, train_local
+from .training import round_seed
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,9 @@ class AgentCore:
     data: LocalData
     seed: int = 0
     capabilities: tuple[str, ...] = MODEL_KINDS
+    # The device's own model ([model] kind in its config, or the Python
+    # API): the federation's spec must match it. None: any built-in kind.
+    model: FedModel | None = None
     topics: Topics = field(init=False)
     model_msg: wire.ModelMsg | None = field(default=None, init=False)
     task: wire.TaskMsg | None = field(default=None, init=False)
@@ -153,6 +160,13 @@ class AgentCore:
     # on by the agent's config, and by the first task that asks for DP.
     private: bool = False
     rejected: Counter = field(default_factory=Counter, init=False)
+    # Why this device cannot train, as (code, detail), e.g. ("bad_data",
+    # "labels range over 0..11, the model has classes 0..9"): published in
+    # the status, which makes it not eligible. Data and model mismatches are
+    # checked again when another model spec arrives; a failing training loop
+    # or bad parameters from it stay until the agent restarts.
+    problem: tuple[str, str] | None = field(default=None, init=False)
+    _checked: ModelSpec | None = field(default=None, init=False)
     resent: set[tuple[int, int]] = field(default_factory=set, init=False)
     retry_after: float = field(default=0.0, init=False)
     updates_sent: int = field(default=0, init=False)
@@ -162,6 +176,12 @@ class AgentCore:
         self.topics = Topics(self.fed)
         if not wire.valid_id(self.agent_id):
             raise ValueError(f"agent id {self.agent_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if self.model is not None:
+            self.capabilities = (self.model.kind,)
+            if self.data.X_train is not None:
+                self.model.check_data(self.data.X_train, self.data.y_train, "training data")
+            if len(self.data.X_holdout):
+                self.model.check_data(self.data.X_holdout, self.data.y_holdout, "holdout data")
 
     # -- what to say and hear -------------------------------------------------
 
@@ -180,8 +200,8 @@ class AgentCore:
             num_samples=0 if self.private else self.data.num_samples,
             capabilities=list(self.capabilities),
             software=__version__,
-            eligible=self.eligible,
-            reason=self.reason,
+            eligible=self.eligible and self.problem is None,
+            reason=f"{self.problem[0]}: {self.problem[1]}" if self.problem else self.reason,
         )
         return Publish(self.topics.status(self.agent_id), wire.encode(msg), qos=1, retain=True)
 
@@ -239,6 +259,36 @@ class AgentCore:
         client.problems.clear()
         return [Publish(self.topics.update(self.agent_id), sam.encode(reply), qos=1, retain=False)]
 
+    def _fit(self, m: wire.ModelMsg, config: wire.TrainConfig, round_number: int):
+        """Evaluate the global model on the holdout and train from it: (metrics, new parameters).
+
+        The model may be the user's code: anything it raises, and any
+        parameters or metrics that are not what the spec says, become a
+        ModelError (``training_failed`` or ``bad_params``), and nothing is sent.
+        """
+        model = model_for_spec(m.spec, self.model)
+        metrics: dict[str, float] = {}
+        where = f"{model.kind} model"
+        try:
+            if len(self.data.X_holdout):
+                ev = model.evaluate(m.params, self.data.X_holdout, self.data.y_holdout)
+                metrics.update({f"eval_{k}": float(v) for k, v in ev.items()})
+                metrics["eval_samples"] = float(len(self.data.X_holdout))
+            data = TrainData(self.data.X_train, self.data.y_train, self.data.num_samples, self.data.batches,
+                             self.data.source)
+            local, train_metrics = model.fit(m.params, data, config, round_seed(self.seed, round_number))
+            metrics.update({k: float(v) for k, v in dict(train_metrics).items()})
+        except ModelError:
+            raise
+        except Exception as exc:  # the user's training loop: whatever it raises stops this device, not the agent
+            log.exception("%s: %s failed", self.agent_id, where)
+            raise ModelError("training_failed", f"{where}: {type(exc).__name__}: {exc}") from None
+        local = model.check_params(local, f"{where}.fit")
+        bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+        if bad:
+            raise ModelError("bad_params", f"{where}: metrics {bad} are NaN or Inf")
+        return metrics, local
+
     def _reject(self, reason: str, detail: str) -> list[Action]:
         self.rejected[reason] += 1
         log.warning("%s: dropped message (%s): %s", self.agent_id, reason, detail)
@@ -249,16 +299,13 @@ class AgentCore:
             return self._reject("bad_version_hash", f"model of round {msg.round} does not hash to {msg.version}")
         if msg.spec.kind not in self.capabilities:
             return self._reject("unsupported_model", f"model kind {msg.spec.kind} not in {self.capabilities}")
-        if msg.spec.n_features != self.data.X_train.shape[1]:
-            return self._reject(
-                "incompatible_model",
-                f"model expects {msg.spec.n_features} features, local data has {self.data.X_train.shape[1]}",
-            )
+        fits, actions = self._check_model(msg.spec)
+        if not fits:
+            return actions
         key = model_key(msg)
         why = self._replayed(key, "model")
         if why:
             return self._reject("replayed", why)
-        actions: list[Action] = []
         if self.run is None and self.trained and msg.round < max(r for r, _ in self.trained) - 1:
             # No run id accepted yet (state of a version before run ids) and
             # this run never got that far: what we remember trained belongs
@@ -267,6 +314,34 @@ class AgentCore:
         actions += self._accept(key, "model")
         self.model_msg = msg
         return actions + self._maybe_train()
+
+    def _check_model(self, spec: ModelSpec) -> tuple[bool, list[Action]]:
+        """Can this device train ``spec`` on its data? If not: count it and say so in the status."""
+        if spec == self._checked:
+            return True, []
+        try:
+            model = model_for_spec(spec, self.model)
+            if self.data.X_train is not None:
+                model.check_data(self.data.X_train, self.data.y_train, "training data")
+            if len(self.data.X_holdout):
+                model.check_data(self.data.X_holdout, self.data.y_holdout, "holdout data")
+        except ModelError as exc:
+            self._reject(exc.reason, exc.detail)
+            return False, self._set_problem(exc.reason, exc.detail)
+        self._checked = spec
+        if self.problem is not None and self.problem[0] in ("incompatible_model", "unsupported_model", "bad_data"):
+            log.info("%s: the new model fits this device again", self.agent_id)
+            self.problem = None
+            return True, [self.status("online")]
+        return True, []
+
+    def _set_problem(self, code: str, detail: str) -> list[Action]:
+        """This device cannot train: log it once and publish it in the status (so it is not selected)."""
+        if self.problem == (code, detail):
+            return []
+        self.problem = (code, detail)
+        log.error("%s: cannot train (%s): %s", self.agent_id, code, detail)
+        return [self.status("online")]
 
     # -- replay protection ----------------------------------------------------
 
@@ -382,7 +457,7 @@ class AgentCore:
 
     def _maybe_train(self) -> list[Action]:
         t, m = self.task, self.model_msg
-        if t is None or m is None or t.state != "open" or not self.eligible:
+        if t is None or m is None or t.state != "open" or not self.eligible or self.problem is not None:
             return []
         if self.agent_id not in t.selected or (t.round, t.attempt) in self.trained:
             return []
@@ -413,16 +488,10 @@ class AgentCore:
             log.info("%s: round %d attempt %d moved on before training started; skipped",
                      self.agent_id, round_number, attempt)
             return []
-        model = Model(m.spec)
-        metrics: dict[str, float] = {}
-        if len(self.data.X_holdout):
-            ev = model.evaluate(m.params, self.data.X_holdout, self.data.y_holdout)
-            metrics.update({f"eval_{k}": v for k, v in ev.items()})
-            metrics["eval_samples"] = float(len(self.data.X_holdout))
-        local, train_metrics = train_local(
-            model, m.params, self.data.X_train, self.data.y_train, t.config, round_seed(self.seed, round_number)
-        )
-        metrics.update(train_metrics)
+        try:
+            metrics, local = self._fit(m, t.config, round_number)
+        except ModelError as exc:
+            return self._set_problem(exc.reason, exc.detail)
         delta = subtract(local, m.params)
         num_samples = self.data.num_samples
         if t.config.clip_norm > 0:

@@ -72,6 +72,8 @@ def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, type, dataclasse
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue  # derived state, not a key
         typ = hints[f.name]
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(typ):
@@ -86,7 +88,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a table")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
             raise ConfigError(f"{where}: unknown key '{key}' (known keys: {', '.join(sorted(names))})")
@@ -113,6 +115,8 @@ def check(obj: Any, where: str = "config") -> None:
             name = key if where == "config" else f"{where}.{key}"
             raise ConfigError(f"{name}: {problem}")
     for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
         sub = getattr(obj, f.name)
         if dataclasses.is_dataclass(sub):
             check(sub, f.name if where == "config" else f"{where}.{f.name}")
@@ -120,6 +124,11 @@ def check(obj: Any, where: str = "config") -> None:
 
 def _check_type(key: str, typ: Any, value: Any) -> Any:
     origin = typing.get_origin(typ)
+    if origin is dict or typ is dict:
+        # A free-form table (e.g. a custom model's options): its owner checks it.
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         (item,) = typing.get_args(typ)[:1]
         if not isinstance(value, list):
@@ -173,6 +182,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add ``--section-key`` for every leaf key of ``cls``."""
     group = parser.add_argument_group("config keys (override the file)")
     for key, typ, f in leaf_fields(cls):
+        if typing.get_origin(typ) is dict or typ is dict:
+            continue  # a table has no one-line form: set it in the file
         flag = "--" + key.replace(".", "-").replace("_", "-")
         help_text = f.metadata.get("help", "")
         group.add_argument(flag, dest="cfg:" + key, metavar=_metavar(typ), default=None, help=help_text)

@@ -6,6 +6,7 @@ import csv
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -16,16 +17,26 @@ class DataError(ValueError):
 
 @dataclass
 class LocalData:
-    """Training and holdout split of one device's data."""
+    """Training and holdout split of one device's data.
 
-    X_train: np.ndarray
-    y_train: np.ndarray
+    From files and arrays, ``X_train``/``y_train`` hold the training rows.
+    A device whose data is a stream instead sets them to None and gives
+    ``batches(seed)`` (one epoch of ``(X, y)`` minibatches) and
+    ``samples`` (its size, what FedAvg weighs by); ``source`` is handed to
+    models that run their own loops (e.g. a PyTorch DataLoader).
+    """
+
+    X_train: np.ndarray | None
+    y_train: np.ndarray | None
     X_holdout: np.ndarray
     y_holdout: np.ndarray
+    batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None
+    samples: int = 0
+    source: Any = None
 
     @property
     def num_samples(self) -> int:
-        return len(self.X_train)
+        return len(self.X_train) if self.X_train is not None else self.samples
 
 
 def load(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,10 @@
-"""Numpy models a device can train: softmax regression, MLP (ReLU), linear regression.
+"""The built-in numpy models: softmax regression, MLP (ReLU), linear regression.
 
-Everything is float32 and vectorised: no Python loop over parameters or
-samples. Parameters are plain ``dict[str, ndarray]`` in the order of
-:meth:`ModelSpec.param_shapes`, which is also their wire order, so a model
-is nothing but its spec and its arrays.
+They implement :class:`~edge_agent.model_api.NumpyModel` like any user's
+model. Everything is float32 and vectorised: no Python loop over
+parameters or samples. Parameters are plain ``dict[str, ndarray]`` in the
+order of :meth:`ModelSpec.param_shapes`, which is also their wire order, so
+a built-in model is nothing but its spec and its arrays.
 """
 
 from __future__ import annotations
@@ -12,20 +13,35 @@ from typing import Mapping
 
 import numpy as np
 
+from .model_api import CLASSIFICATION, DTYPE, REGRESSION, NumpyModel, Params
 from .spec import ModelSpec
 
-Params = dict[str, np.ndarray]
+__all__ = ["BuiltinModel", "SoftmaxRegression", "MLP", "LinearRegression", "DTYPE", "Params", "copy_params",
+           "subtract"]
 
-DTYPE = np.float32
 
-
-class Model:
-    """Forward pass, loss, gradients and metrics for one :class:`ModelSpec`."""
+class BuiltinModel(NumpyModel):
+    """Forward pass, loss, gradients and metrics of one built-in :class:`ModelSpec` (softmax, mlp, linear)."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
+        if not spec.builtin:
+            raise ValueError(f"{spec.kind!r} is not a built-in model kind")
+        self._spec = spec
+        self.kind, self.n_features, self.n_outputs = spec.kind, spec.n_features, spec.n_outputs
+        self.hidden = spec.hidden
         self.n_layers = len(spec.layer_sizes()) - 1
-        self.classifier = spec.kind in ("softmax", "mlp")
+        self.task = CLASSIFICATION if spec.kind in ("softmax", "mlp") else REGRESSION
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._spec.param_shapes()
+
+    @property
+    def has_onnx(self) -> bool:
+        return True  # the aggregator builds these graphs itself (aggregator/onnx_export.py)
 
     # -- parameters ---------------------------------------------------------
 
@@ -38,8 +54,8 @@ class Model:
         """
         rng = np.random.default_rng(seed)
         params: Params = {}
-        for name, shape in self.spec.param_shapes().items():
-            if name.startswith("W") and self.spec.kind == "mlp":
+        for name, shape in self._spec.param_shapes().items():
+            if name.startswith("W") and self.kind == "mlp":
                 params[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / shape[0])).astype(DTYPE)
             else:
                 params[name] = np.zeros(shape, dtype=DTYPE)
@@ -103,7 +119,7 @@ class Model:
             if i > 0:
                 g = g @ params[f"W{i}"].T
                 g *= acts[i] > 0  # ReLU derivative
-        return loss, {name: grads[name] for name in self.spec.param_shapes()}
+        return loss, {name: grads[name] for name in self._spec.param_shapes()}
 
     def evaluate(self, params: Mapping[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Loss (and accuracy for classifiers) on a data set."""
@@ -118,6 +134,27 @@ class Model:
             return {"loss": loss, "accuracy": float((p.argmax(axis=1) == yi).mean())}
         err = out[:, 0] - np.asarray(y, dtype=DTYPE)
         return {"loss": float(np.mean(err * err))}
+
+
+class SoftmaxRegression(BuiltinModel):
+    """Multinomial logistic regression: ``W0`` [n_features, n_classes], ``b0`` [n_classes]."""
+
+    def __init__(self, n_features: int, n_outputs: int) -> None:
+        super().__init__(ModelSpec("softmax", n_features, n_outputs))
+
+
+class MLP(BuiltinModel):
+    """A ReLU multi-layer perceptron classifier with the given hidden layer sizes."""
+
+    def __init__(self, n_features: int, n_outputs: int, hidden: tuple[int, ...] | list[int] = (32,)) -> None:
+        super().__init__(ModelSpec("mlp", n_features, n_outputs, tuple(hidden)))
+
+
+class LinearRegression(BuiltinModel):
+    """Least-squares linear regression: ``W0`` [n_features, 1], ``b0`` [1]."""
+
+    def __init__(self, n_features: int, n_outputs: int = 1) -> None:
+        super().__init__(ModelSpec("linear", n_features, n_outputs))
 
 
 def _as_input(X: np.ndarray) -> np.ndarray:

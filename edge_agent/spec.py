@@ -9,12 +9,24 @@ the codec uses it to check shapes, the models use it to build parameters.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 
 MODEL_KINDS = ("softmax", "mlp", "linear")
+# Any other kind names a model the device and the aggregator configured
+# themselves ("package.module:ClassName", or an entry-point name). On the
+# wire it is only a label the local model must match: nothing is ever
+# imported because a message named it.
+CUSTOM_KIND = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*(:[A-Za-z_][A-Za-z0-9_]*)?$")
+MAX_KIND_CHARS = 200
+# Parameter names of custom models: state_dict keys such as "conv1.weight".
+PARAM_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+# Named arrays a custom model may have (the codec's map limit is 1 024).
+MAX_PARAM_ARRAYS = 1024
+MAX_PARAM_NDIM = 8
 
 # Largest dimension accepted in a spec from the wire. A spec is untrusted input
 # too: without a bound a hostile "model" message could ask a device to allocate
@@ -40,22 +52,38 @@ class ModelSpec:
     n_features: int
     n_outputs: int
     hidden: tuple[int, ...] = field(default=())
+    # Custom kinds only: (name, shape) of every parameter array, in wire order.
+    params: tuple[tuple[str, tuple[int, ...]], ...] = field(default=())
 
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
             raise ValueError("; ".join(f"{key}: {msg}" for key, msg in problems))
 
+    @classmethod
+    def of(cls, kind: str, n_features: int, n_outputs: int, hidden=(), shapes: Mapping | None = None) -> "ModelSpec":
+        """The spec of a model: built-in kinds are described by their sizes, custom ones by their shapes too."""
+        if kind in MODEL_KINDS:
+            return cls(kind, n_features, n_outputs, tuple(hidden))
+        return cls(kind, n_features, n_outputs, (),
+                   tuple((str(k), tuple(int(d) for d in v)) for k, v in (shapes or {}).items()))
+
+    @property
+    def builtin(self) -> bool:
+        return self.kind in MODEL_KINDS
+
     def problems(self) -> list[tuple[str, str]]:
         """Every reason this spec is invalid, as (field, problem); empty when valid."""
-        return spec_problems(self.kind, self.n_features, self.n_outputs, self.hidden)
+        return spec_problems(self.kind, self.n_features, self.n_outputs, self.hidden, self.params)
 
     def layer_sizes(self) -> list[int]:
         """Widths from input to output, e.g. [64, 32, 10] for one hidden layer."""
         return [self.n_features, *self.hidden, self.n_outputs]
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Parameter names in wire order with their shapes (W0, b0, W1, b1, ...)."""
+        """Parameter names in wire order with their shapes (W0, b0, W1, b1, ... for the built-in kinds)."""
+        if not self.builtin:
+            return dict(self.params)
         sizes = self.layer_sizes()
         shapes: dict[str, tuple[int, ...]] = {}
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -88,37 +116,80 @@ class ModelSpec:
 
     def to_wire(self) -> dict:
         """The msgpack map for this spec (see docs/PROTOCOL.md)."""
-        return {
+        m = {
             "kind": self.kind,
             "n_features": self.n_features,
             "n_outputs": self.n_outputs,
             "hidden": list(self.hidden),
         }
+        if not self.builtin:
+            m["params"] = [[name, list(shape)] for name, shape in self.params]
+        return m
 
     @classmethod
     def from_wire(cls, m: object) -> "ModelSpec":
         """Build a spec from a decoded map; raises ValueError naming the problem."""
         if not isinstance(m, dict):
             raise ValueError("spec must be a map")
-        unknown = set(m) - {"kind", "n_features", "n_outputs", "hidden"}
+        unknown = set(m) - {"kind", "n_features", "n_outputs", "hidden", "params"}
         if unknown:
             raise ValueError(f"spec has unknown keys {sorted(unknown)}")
         hidden = m.get("hidden", [])
         if not isinstance(hidden, list):
             raise ValueError("spec.hidden must be a list")
+        raw = m.get("params", [])
+        if not isinstance(raw, list) or len(raw) > MAX_PARAM_ARRAYS or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[1], list) for p in raw):
+            raise ValueError(f"spec.params must be a list of at most {MAX_PARAM_ARRAYS} [name, shape] pairs")
         return cls(
             kind=m.get("kind"),  # type: ignore[arg-type]
             n_features=m.get("n_features"),  # type: ignore[arg-type]
             n_outputs=m.get("n_outputs"),  # type: ignore[arg-type]
             hidden=tuple(hidden),
+            params=tuple((p[0], tuple(p[1])) for p in raw),
         )
 
 
-def spec_problems(kind: object, n_features: object, n_outputs: object, hidden: object) -> list[tuple[str, str]]:
+def custom_kind(kind: object) -> bool:
+    """True for a well-formed name of a model that is not built in."""
+    return (isinstance(kind, str) and kind not in MODEL_KINDS and len(kind) <= MAX_KIND_CHARS
+            and bool(CUSTOM_KIND.match(kind)))
+
+
+def _params_problems(params: object) -> list[tuple[str, str]]:
+    if not isinstance(params, tuple) or not params or len(params) > MAX_PARAM_ARRAYS:
+        return [("params", f"a custom model lists 1..{MAX_PARAM_ARRAYS} parameter arrays")]
+    names, total = set(), 0
+    for item in params:
+        name, shape = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
+        if not isinstance(name, str) or not PARAM_NAME.match(name) or name in names:
+            return [("params", f"parameter names must be distinct and match {PARAM_NAME.pattern}, got {name!r}")]
+        names.add(name)
+        if not isinstance(shape, tuple) or len(shape) > MAX_PARAM_NDIM or any(
+                not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= MAX_DIM for d in shape):
+            return [("params", f"{name}: a shape has at most {MAX_PARAM_NDIM} dimensions of 1..{MAX_DIM}, "
+                               f"got {shape!r}")]
+        total += math.prod(shape)
+    if total > MAX_PARAMS:
+        return [("params", f"the model has {total} parameters, more than the limit {MAX_PARAMS}")]
+    return []
+
+
+def spec_problems(kind: object, n_features: object, n_outputs: object, hidden: object,
+                  params: object = ()) -> list[tuple[str, str]]:
     """Every reason these would make an invalid spec, as (field, problem); empty when valid."""
     out: list[tuple[str, str]] = []
+    if custom_kind(kind):
+        for name, value in (("n_features", n_features), ("n_outputs", n_outputs)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
+                out.append((name, f"must be an integer in 1..{MAX_DIM}, got {value!r}"))
+        if hidden:
+            out.append(("hidden", "hidden layers are only for kind 'mlp' (a custom model lists its params)"))
+        return out + _params_problems(params)
+    if params:
+        out.append(("params", f"only custom models list their parameters, not {kind!r}"))
     if kind not in MODEL_KINDS:
-        out.append(("kind", f"must be one of {', '.join(MODEL_KINDS)}, got {kind!r}"))
+        out.append(("kind", f"must be one of {', '.join(MODEL_KINDS)} or 'package.module:Class', got {kind!r}"))
     for name, value in (("n_features", n_features), ("n_outputs", n_outputs)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
             out.append((name, f"must be an integer in 1..{MAX_DIM}, got {value!r}"))

@@ -1,4 +1,4 @@
-"""Local training: seeded minibatch SGD on the device's own data."""
+"""Local training of the built-in models on arrays: seeded minibatch SGD (what NumpyModel.fit does)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from typing import Mapping
 
 import numpy as np
 
-from .models import Model, Params, copy_params
+from .model_api import NumpyModel, Params, TrainData
 from .wire import TrainConfig
 
 
 def train_local(
-    model: Model,
+    model: NumpyModel,
     params: Mapping[str, np.ndarray],
     X: np.ndarray,
     y: np.ndarray,
@@ -23,32 +23,10 @@ def train_local(
     Each epoch visits every sample once in an order drawn from
     ``default_rng(seed)``, so the same seed gives the same model bit for bit.
     The input ``params`` are not modified. Metrics: ``train_loss`` (mean
-    batch loss of the last epoch, without the proximal term).
-
-    With ``config.prox_mu > 0`` this is FedProx's local solver: the
-    objective gains mu/2 ||w - w_global||^2, i.e. every step adds
-    mu (w - w_global) to the gradient, pulling the local model towards the
-    global model it started from.
+    batch loss of the last epoch, without the proximal term). With
+    ``config.prox_mu > 0`` this is FedProx's local solver.
     """
-    rng = np.random.default_rng(seed)
-    w = copy_params(params)
-    mu = np.float32(config.prox_mu)
-    anchor = copy_params(params) if mu > 0 else None
-    n = len(X)
-    last_losses: list[float] = []
-    for _ in range(config.epochs):
-        order = rng.permutation(n)
-        last_losses = []
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            loss, grads = model.loss_and_grads(w, X[idx], y[idx])
-            for name, g in grads.items():
-                if anchor is not None:
-                    g += mu * (w[name] - anchor[name])
-                w[name] -= np.float32(config.lr) * g
-            last_losses.append(loss)
-    metrics = {"train_loss": float(np.mean(last_losses))} if last_losses else {}
-    return w, metrics
+    return model.fit(params, TrainData(X, y, len(X)), config, seed)
 
 
 def round_seed(seed: int, round_number: int) -> np.random.SeedSequence:

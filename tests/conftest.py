@@ -188,10 +188,10 @@ def offline_fedavg(datas, cfg: AggregatorConfig, seed: int, rounds: int, extra_w
     from aggregator.sim import agent_seed
     from aggregator.strategies import FedAvg
     from edge_agent import wire
-    from edge_agent.models import Model, subtract
+    from edge_agent.models import BuiltinModel, subtract
     from edge_agent.training import round_seed, train_local
 
-    model = Model(cfg.model.spec())
+    model = BuiltinModel(cfg.model.spec())
     params = model.init_params(cfg.model.seed)
     t = cfg.training
     tc = wire.TrainConfig(t.epochs, t.batch_size, t.lr)

@@ -8,7 +8,7 @@ import pytest
 from edge_agent import wire
 from edge_agent.agent import AgentCore, Done, DropOutbox, PutOutbox, SaveAccepted, SaveTrained, Train
 from edge_agent.data import LocalData
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.mqtt import Publish
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
@@ -31,7 +31,7 @@ def core(**kw) -> AgentCore:
 
 
 def model_msg(round_: int = 0, seed: int = 0, spec: ModelSpec = SPEC, run: int = 0) -> tuple[str, bytes, wire.ModelMsg]:
-    params = Model(spec).init_params(seed)
+    params = BuiltinModel(spec).init_params(seed)
     params["b0"] += np.float32(round_)  # distinct versions per round
     m = wire.ModelMsg(FED, round_, wire.params_version(params), spec, params, run=run)
     return T.model, wire.encode(m), m
@@ -69,12 +69,12 @@ def test_trains_once_when_selected_on_the_model_it_holds():
     u = wire.decode(pub.payload, expect="update", spec=SPEC)
     assert (u.round, u.agent, u.base, u.num_samples) == (1, "me", m.version, 40)
     # the delta is exactly local - global for the seeded training
-    local, _ = train_local(Model(SPEC), m.params, c.data.X_train, c.data.y_train, wire.TrainConfig(2, 8, 0.1),
+    local, _ = train_local(BuiltinModel(SPEC), m.params, c.data.X_train, c.data.y_train, wire.TrainConfig(2, 8, 0.1),
                            round_seed(5, 1))
     for k in local:
         np.testing.assert_allclose(u.delta[k], local[k] - m.params[k], atol=1e-7)
     # it evaluated the global model on its holdout before training
-    ev = Model(SPEC).evaluate(m.params, c.data.X_holdout, c.data.y_holdout)
+    ev = BuiltinModel(SPEC).evaluate(m.params, c.data.X_holdout, c.data.y_holdout)
     assert u.metrics["eval_accuracy"] == pytest.approx(ev["accuracy"]) and u.metrics["eval_samples"] == 10
     assert "train_loss" in u.metrics
 
@@ -143,10 +143,17 @@ def test_model_whose_hash_does_not_match_is_dropped():
 
 def test_model_for_other_data_or_unsupported_kind_is_dropped():
     c = core(capabilities=("softmax",))
-    assert c.receive(*model_msg(spec=ModelSpec("softmax", 5, 3))[:2]) == []
+    (status,) = c.receive(*model_msg(spec=ModelSpec("softmax", 5, 3))[:2])
+    # the device says why in its retained status, which makes it not eligible
+    st = wire.decode(status.payload, expect="status")
+    assert status.topic == T.status("me") and not st.eligible
+    assert st.reason == "incompatible_model: training data: 4 features per row, the model takes 5"
     assert c.receive(*model_msg(spec=ModelSpec("linear", 4, 1))[:2]) == []
     assert c.rejected["incompatible_model"] == 1 and c.rejected["unsupported_model"] == 1
     assert c.model_msg is None
+    # a model that fits clears it
+    (status, *_) = c.receive(*model_msg(spec=ModelSpec("softmax", 4, 3))[:2])
+    assert wire.decode(status.payload, expect="status").eligible and c.model_msg is not None
 
 
 def test_a_restarted_federation_is_followed_even_though_its_rounds_start_again():

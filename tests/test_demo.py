@@ -47,13 +47,13 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     import onnxruntime as ort
 
     from aggregator.datasets import load_digits_split
-    from edge_agent.models import Model
+    from edge_agent.models import BuiltinModel
     from edge_agent.spec import ModelSpec
 
     X_test = load_digits_split(0)[2]
     sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     labels = sess.run(None, {"input": X_test})[1]
-    np.testing.assert_array_equal(labels, Model(ModelSpec("softmax", 64, 10)).predict(params, X_test))
+    np.testing.assert_array_equal(labels, BuiltinModel(ModelSpec("softmax", 64, 10)).predict(params, X_test))
     assert "run the ONNX model:" in text
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("sklearn")
 from aggregator.datasets import federated_digits  # noqa: E402
 from aggregator.sim import agent_seed  # noqa: E402
 from aggregator.strategies import FedAvg  # noqa: E402
-from edge_agent.models import Model, subtract  # noqa: E402
+from edge_agent.models import BuiltinModel, subtract  # noqa: E402
 from edge_agent.spec import ModelSpec  # noqa: E402
 from edge_agent.training import round_seed, train_local  # noqa: E402
 from edge_agent.wire import TrainConfig  # noqa: E402
@@ -28,7 +28,7 @@ ROUNDS = 20
 
 def run_fedavg(rounds: int = ROUNDS) -> list[dict[str, float]]:
     data = federated_digits(10, "dirichlet", 0.5, SEED)
-    model = Model(ModelSpec("softmax", data.n_features, data.n_classes))
+    model = BuiltinModel(ModelSpec("softmax", data.n_features, data.n_classes))
     global_params = model.init_params(SEED)
     strategy = FedAvg(weighted=True)
     config = TrainConfig(5, 32, 0.1)

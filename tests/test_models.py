@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.models import DTYPE, Model, copy_params, subtract
+from edge_agent.models import DTYPE, BuiltinModel, copy_params, subtract
 from edge_agent.spec import MAX_DIM, MAX_HIDDEN_LAYERS, MAX_PARAMS, ModelSpec
 from edge_agent.training import round_seed, train_local
 from edge_agent.wire import TrainConfig
@@ -27,13 +27,13 @@ def _problem(spec: ModelSpec, n: int, seed: int):
     return X, y
 
 
-def _random_params(model: Model, seed: int) -> dict[str, np.ndarray]:
+def _random_params(model: BuiltinModel, seed: int) -> dict[str, np.ndarray]:
     """Non-zero float64 parameters (biases too, so a wrong bias gradient shows)."""
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(s) * 0.7 for k, s in model.spec.param_shapes().items()}
 
 
-def _numeric_grads(model: Model, params, X, y, eps: float = 1e-6):
+def _numeric_grads(model: BuiltinModel, params, X, y, eps: float = 1e-6):
     """Central finite differences of the loss, in float64."""
     out = {}
     for name, value in params.items():
@@ -72,7 +72,7 @@ def test_gradients_match_finite_differences(spec, seed):
     # a tight tolerance is possible: a missing ReLU mask, a bias gradient
     # that is a mean instead of a sum, a missing 1/n or a wrong transpose
     # each move the analytic gradient by far more than this.
-    model = Model(spec)
+    model = BuiltinModel(spec)
     X, y = _problem(spec, 9, seed)
     params = _random_params(model, seed + 100)
     loss, grads = model.loss_and_grads(params, X, y)
@@ -95,7 +95,7 @@ def test_gradients_match_finite_differences(spec, seed):
 )
 def test_mlp_gradients_match_finite_differences_any_shape(n_features, hidden, n_classes, n, seed):
     spec = ModelSpec("mlp", n_features, n_classes, tuple(hidden))
-    model = Model(spec)
+    model = BuiltinModel(spec)
     X, y = _problem(spec, n, seed)
     params = _random_params(model, seed + 1)
     _, grads = model.loss_and_grads(params, X, y)
@@ -107,7 +107,7 @@ def test_mlp_gradients_match_finite_differences_any_shape(n_features, hidden, n_
 def test_mlp_relu_mask_matters():
     """Guard for the gradient test: with dead units the masked gradient of W0 has zero columns."""
     spec = ModelSpec("mlp", 3, 2, (4,))
-    model = Model(spec)
+    model = BuiltinModel(spec)
     X, y = _problem(spec, 5, 0)
     params = _random_params(model, 0)
     params["b0"][:2] = -100.0  # units 0 and 1 are dead for every sample
@@ -118,7 +118,7 @@ def test_mlp_relu_mask_matters():
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}{list(s.hidden)}")
 def test_float32_gradients_agree_with_float64(spec):
-    model = Model(spec)
+    model = BuiltinModel(spec)
     X, y = _problem(spec, 16, 3)
     p64 = _random_params(model, 4)
     p32 = copy_params(p64)
@@ -132,7 +132,7 @@ def test_float32_gradients_agree_with_float64(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}{list(s.hidden)}")
 def test_loss_matches_evaluate(spec):
-    model = Model(spec)
+    model = BuiltinModel(spec)
     X, y = _problem(spec, 20, 5)
     params = copy_params(_random_params(model, 6))
     loss, _ = model.loss_and_grads(params, X, y)
@@ -143,12 +143,12 @@ def test_loss_matches_evaluate(spec):
 
 def test_loss_values_are_the_textbook_ones():
     # zero softmax: uniform over k classes, cross-entropy = log k
-    model = Model(ModelSpec("softmax", 3, 5))
+    model = BuiltinModel(ModelSpec("softmax", 3, 5))
     X, y = _problem(model.spec, 7, 0)
     loss, _ = model.loss_and_grads(model.init_params(), X, y)
     assert loss == pytest.approx(np.log(5), rel=1e-6)
     # zero linear: prediction 0, MSE = mean(y^2)
-    lin = Model(ModelSpec("linear", 3, 1))
+    lin = BuiltinModel(ModelSpec("linear", 3, 1))
     X, y = _problem(lin.spec, 7, 0)
     loss, _ = lin.loss_and_grads(lin.init_params(), X, y)
     assert loss == pytest.approx(float(np.mean(y.astype(np.float64) ** 2)), rel=1e-6)
@@ -170,7 +170,7 @@ def _blobs(n_per_class: int = 40, n_classes: int = 3, dim: int = 4, seed: int = 
 @pytest.mark.parametrize("spec", [ModelSpec("softmax", 4, 3), ModelSpec("mlp", 4, 3, (8,))], ids=["softmax", "mlp"])
 def test_training_reduces_loss_and_improves_accuracy(spec):
     X, y = _blobs()
-    model = Model(spec)
+    model = BuiltinModel(spec)
     p0 = model.init_params(seed=1)
     before = model.evaluate(p0, X, y)
     p1, metrics = train_local(model, p0, X, y, TrainConfig(epochs=10, batch_size=16, lr=0.1), seed=0)
@@ -185,7 +185,7 @@ def test_training_fits_linear_regression():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((200, 3)).astype(np.float32)
     y = (X @ np.array([1.5, -2.0, 0.5]) + 0.3 + 0.01 * rng.standard_normal(200)).astype(np.float32)
-    model = Model(ModelSpec("linear", 3, 1))
+    model = BuiltinModel(ModelSpec("linear", 3, 1))
     p0 = model.init_params()
     p1, _ = train_local(model, p0, X, y, TrainConfig(epochs=20, batch_size=20, lr=0.05), seed=0)
     assert model.evaluate(p1, X, y)["loss"] < 0.01 * model.evaluate(p0, X, y)["loss"]
@@ -195,7 +195,7 @@ def test_training_fits_linear_regression():
 
 def test_train_local_is_deterministic_per_seed():
     X, y = _blobs()
-    model = Model(ModelSpec("mlp", 4, 3, (6,)))
+    model = BuiltinModel(ModelSpec("mlp", 4, 3, (6,)))
     p0 = model.init_params(0)
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05)
     a, ma = train_local(model, p0, X, y, cfg, seed=round_seed(7, 1))
@@ -211,7 +211,7 @@ def test_train_local_is_deterministic_per_seed():
 
 def test_train_local_does_not_modify_its_input():
     X, y = _blobs()
-    model = Model(ModelSpec("softmax", 4, 3))
+    model = BuiltinModel(ModelSpec("softmax", 4, 3))
     p0 = _random_params(model, 0)
     p0 = {k: v.astype(np.float32) for k, v in p0.items()}
     for v in p0.values():
@@ -228,7 +228,7 @@ def test_train_local_does_not_modify_its_input():
 def test_train_local_epochs_and_batches_visit_every_sample():
     # One epoch with one batch of the whole set equals one full gradient step.
     X, y = _blobs(n_per_class=5)
-    model = Model(ModelSpec("softmax", 4, 3))
+    model = BuiltinModel(ModelSpec("softmax", 4, 3))
     p0 = copy_params(_random_params(model, 2))
     p1, _ = train_local(model, p0, X, y, TrainConfig(epochs=1, batch_size=len(X), lr=0.25), seed=0)
     _, g = model.loss_and_grads(p0, X, y)
@@ -250,7 +250,7 @@ def test_subtract_is_local_minus_global():
 
 
 def test_init_params_seeded_mlp():
-    model = Model(ModelSpec("mlp", 8, 3, (5, 4)))
+    model = BuiltinModel(ModelSpec("mlp", 8, 3, (5, 4)))
     a, b, c = model.init_params(3), model.init_params(3), model.init_params(4)
     assert list(a) == ["W0", "b0", "W1", "b1", "W2", "b2"]
     for k, shape in model.spec.param_shapes().items():
@@ -262,13 +262,13 @@ def test_init_params_seeded_mlp():
         else:
             assert np.all(a[k] == 0)
     # He-normal: std about sqrt(2 / fan_in)
-    big = Model(ModelSpec("mlp", 200, 2, (300,))).init_params(0)["W0"]
+    big = BuiltinModel(ModelSpec("mlp", 200, 2, (300,))).init_params(0)["W0"]
     assert big.std() == pytest.approx(np.sqrt(2 / 200), rel=0.05)
 
 
 @pytest.mark.parametrize("spec", [ModelSpec("softmax", 5, 3), ModelSpec("linear", 5, 1)], ids=["softmax", "linear"])
 def test_init_params_zero_for_convex_models(spec):
-    model = Model(spec)
+    model = BuiltinModel(spec)
     for seed in (0, 1, 99):
         params = model.init_params(seed)
         assert list(params) == list(spec.param_shapes())
@@ -279,7 +279,7 @@ def test_init_params_zero_for_convex_models(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}{list(s.hidden)}")
 def test_predict_shapes_and_dtypes(spec):
-    model = Model(spec)
+    model = BuiltinModel(spec)
     X, _ = _problem(spec, 11, 0)
     params = copy_params(_random_params(model, 1))
     pred = model.predict(params, X.astype(np.float64))
@@ -298,12 +298,12 @@ def test_predict_shapes_and_dtypes(spec):
 
 
 def test_evaluate_empty_set():
-    model = Model(ModelSpec("softmax", 3, 2))
+    model = BuiltinModel(ModelSpec("softmax", 3, 2))
     assert model.evaluate(model.init_params(), np.zeros((0, 3)), np.zeros(0, dtype=np.int64)) == {}
 
 
 def test_softmax_is_stable_for_huge_logits():
-    model = Model(ModelSpec("softmax", 1, 2))
+    model = BuiltinModel(ModelSpec("softmax", 1, 2))
     params = {"W0": np.array([[1e4, -1e4]], dtype=np.float32), "b0": np.zeros(2, dtype=np.float32)}
     X = np.array([[1.0], [-1.0]], dtype=np.float32)
     proba = model.predict_proba(params, X)
@@ -332,7 +332,14 @@ def test_param_shapes_order():
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (("cnn", 4, 2), "kind"),
+        (("not a kind!", 4, 2), "kind"),
+        (("cnn", 4, 2), "params: a custom model lists"),  # a custom kind must list its parameters
+        (("pkg.mod:Cnn", 4, 2, (), (("w", (4, 0)),)), "params: w: a shape"),
+        (("pkg.mod:Cnn", 4, 2, (), (("w", (4,)), ("w", (2,)))), "must be distinct"),
+        (("pkg.mod:Cnn", 4, 2, (), (("bad name", (4,)),)), "must be distinct and match"),
+        (("pkg.mod:Cnn", 4, 2, (3,), (("w", (4,)),)), "hidden layers are only"),
+        (("pkg.mod:Cnn", 4, 2, (), (("w", (MAX_DIM, 16)),)), "more than the limit"),
+        (("softmax", 4, 2, (), (("w", (4,)),)), "only custom models list"),
         (("mlp", 4, 2, ()), "hidden layer"),
         (("softmax", 4, 2, (3,)), "only for kind 'mlp'"),
         (("linear", 4, 2), "n_outputs = 1"),
@@ -422,7 +429,7 @@ def test_fedprox_proximal_term_pulls_towards_the_start_and_zero_mu_is_plain_sgd(
     rng = np.random.default_rng(0)
     X = rng.standard_normal((64, 5)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
-    model = Model(ModelSpec("softmax", 5, 2))
+    model = BuiltinModel(ModelSpec("softmax", 5, 2))
     start = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.init_params(0).items()}
 
     def dist(p):

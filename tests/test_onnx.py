@@ -19,7 +19,7 @@ from aggregator.config import AggregatorConfig, ModelConfig, OnnxConfig, RoundCo
 from aggregator.onnx_export import IR_VERSION, OPSET, metadata, to_onnx, to_onnx_bytes
 from aggregator.serve_onnx import load_model
 from edge_agent import __version__, wire
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
 
@@ -55,7 +55,7 @@ def test_onnxruntime_equals_the_numpy_model(spec, batch):
     assert m.ir_version == IR_VERSION and [(o.domain, o.version) for o in m.opset_import] == [("", OPSET)]
     X = np.random.default_rng(batch).standard_normal((batch, spec.n_features)).astype(np.float32)
     out = session(m.SerializeToString()).run(None, {"input": X})
-    model = Model(spec)
+    model = BuiltinModel(spec)
     if spec.kind == "linear":
         assert out[0].shape == (batch,) and out[0].dtype == np.float32
         np.testing.assert_allclose(out[0], model.predict(params, X), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from aggregator.strategies import FedAvg
 from edge_agent import dp, wire
 from edge_agent.agent import AgentCore
 from edge_agent.data import LocalData
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.mqtt import Publish
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
@@ -71,7 +71,7 @@ def test_central_noise_on_the_sum_has_std_z_times_clip():
     z, s = 1.3, 0.7
     engine = PrivacyEngine(dp_config(noise_multiplier=z, clip=s, expected_per_round=1))
     agg = engine.wrap(FedAvg())
-    zero = Model(BIG).init_params(0)
+    zero = BuiltinModel(BIG).init_params(0)
     agg.begin(zero)
     agg.add({k: np.zeros_like(v) for k, v in zero.items()}, 1.0, {"dp_unclipped": 1.0})
     out = agg.result(zero)  # expected_per_round = 1: the mean is the noised sum itself
@@ -88,7 +88,7 @@ def test_devices_add_the_noise_the_task_asks_for(mode, divisor):
     # a real agent, given that task, adds exactly that noise (zero epochs: the clean delta is 0)
     X = np.zeros((5, BIG.n_features), np.float32)
     core = AgentCore("a0", FED, LocalData(X, np.zeros(5, np.float32), X[:0], np.zeros(0, np.float32)), seed=0)
-    params = Model(BIG).init_params(0)
+    params = BuiltinModel(BIG).init_params(0)
     m = wire.ModelMsg(FED, 0, wire.params_version(params), BIG, params)
     core.receive(T.model, wire.encode(m))
     task = wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, ["a0"],

@@ -22,7 +22,7 @@ from aggregator.strategies import FedAvg
 from edge_agent import dp, wire
 from edge_agent.agent import AgentCore
 from edge_agent.data import LocalData
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.mqtt import Publish
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
@@ -141,7 +141,7 @@ def test_devices_send_their_bit_noised_and_centred(mode):
     bits = []
     for i in range(400):
         core = AgentCore(f"a{i}", FED, LocalData(X, np.zeros(4, np.float32), X[:0], np.zeros(0, np.float32)))
-        params = Model(spec).init_params(0)
+        params = BuiltinModel(spec).init_params(0)
         m = wire.ModelMsg(FED, 0, wire.params_version(params), spec, params)
         core.receive(T.model, wire.encode(m))
         task = wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, [f"a{i}"], wire.TrainConfig(
@@ -166,7 +166,7 @@ def _agent_update(agent: str, engine: PrivacyEngine) -> dict[str, np.ndarray]:
     clip, std, count_std = engine.task_noise()
     X = np.zeros((3, BIG.n_features), np.float32)
     core = AgentCore(agent, FED, LocalData(X, np.zeros(3, np.float32), X[:0], np.zeros(0, np.float32)))
-    params = Model(BIG).init_params(0)
+    params = BuiltinModel(BIG).init_params(0)
     m = wire.ModelMsg(FED, 0, wire.params_version(params), BIG, params)
     core.receive(T.model, wire.encode(m))
     core.receive(T.task, wire.encode(wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, [agent], wire.TrainConfig(
@@ -177,7 +177,7 @@ def _agent_update(agent: str, engine: PrivacyEngine) -> dict[str, np.ndarray]:
 
 def measure_protecting_noise(engine: PrivacyEngine, n: int) -> float:
     """Std of the noise in the released sum that device 0 did not add itself, with ``n`` real agents' updates."""
-    zero = Model(BIG).init_params(0)
+    zero = BuiltinModel(BIG).init_params(0)
     updates = [_agent_update(f"a{i}", engine) for i in range(n)]
     agg = engine.wrap(FedAvg())
     agg.begin(zero)
@@ -343,7 +343,7 @@ def test_a_device_stops_publishing_its_sample_count_once_it_sees_a_dp_task():
     core = AgentCore("a0", FED, LocalData(X, np.zeros(7, np.float32), X[:0], np.zeros(0, np.float32)))
     assert wire.decode(core.status().payload, expect="status").num_samples == 7
     spec = ModelSpec("linear", 1, 1)
-    params = Model(spec).init_params(0)
+    params = BuiltinModel(spec).init_params(0)
     core.receive(T.model, wire.encode(wire.ModelMsg(FED, 0, wire.params_version(params), spec, params)))
     out = core.receive(T.task, wire.encode(wire.TaskMsg(FED, 1, wire.params_version(params), "open", 0, 0.0, [],
                                                         wire.TrainConfig(clip_norm=1.0, dp_mode="central"))))

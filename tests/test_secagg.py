@@ -336,7 +336,7 @@ def test_a_device_refuses_a_request_for_both_shares_of_one_peer():
 def test_a_real_agent_counts_a_tampered_share_by_reason_and_still_sends_its_masked_input():
     from edge_agent.agent import AgentCore
     from edge_agent.data import LocalData
-    from edge_agent.models import Model
+    from edge_agent.models import BuiltinModel
     from edge_agent.mqtt import Publish
     from edge_agent.spec import ModelSpec
     from edge_agent.topics import Topics
@@ -346,7 +346,7 @@ def test_a_real_agent_counts_a_tampered_share_by_reason_and_still_sends_its_mask
     params = round_params("secagg", 3, 0, 0, QBITS, RANGE, 0.0)  # t = 2 of 2 peers
     X = np.ones((8, 3), np.float32)
     core = AgentCore("a0", FED, LocalData(X, np.ones(8, np.float32), X[:0], np.zeros(0, np.float32)))
-    p0 = Model(spec).init_params(0)
+    p0 = BuiltinModel(spec).init_params(0)
     model = wire.ModelMsg(FED, 0, wire.params_version(p0), spec, p0)
     core.receive(topics.model, wire.encode(model))
     out = core.receive(topics.task, wire.encode(wire.TaskMsg(FED, 1, model.version, "open", 0, 0.0, names,

@@ -27,7 +27,7 @@ from aggregator import checkpoint
 from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, SecAggConfig, SecurityConfig
 from aggregator.journal import JournalFile
 from edge_agent import wire
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.secagg import messages as M
 from edge_agent.secagg.client import SecAggClient
 from edge_agent.secagg.quantize import levels
@@ -167,7 +167,7 @@ def _run(fed, broker, broker_config, tmp_path, start_aggregator, capture_rounds,
          mode="secagg", **sa):
     devices = [SADevice(broker, fed, f"d{i:02d}", die_after=die_after if i in die else 0) for i in range(n)]
     cfg = sa_config(fed, broker_config, tmp_path, n, mode, **sa)
-    initial = Model(cfg.model.spec()).init_params(cfg.model.seed)
+    initial = BuiltinModel(cfg.model.spec()).init_params(cfg.model.seed)
     agg = start_aggregator(cfg)
     for d in devices:
         if d.die_after:
@@ -212,7 +212,7 @@ def test_updates_are_weighted_by_the_sample_counts_the_devices_report(fed, broke
     samples = [50, 100, 200, 400, 800]
     devices = [SADevice(broker, fed, f"d{i:02d}", samples=s) for i, s in enumerate(samples)]
     cfg = sa_config(fed, broker_config, tmp_path, len(devices), max_weight=max_weight)
-    initial = Model(cfg.model.spec()).init_params(cfg.model.seed)
+    initial = BuiltinModel(cfg.model.spec()).init_params(cfg.model.seed)
     agg = start_aggregator(cfg)
     try:
         agg.wait_finished()
@@ -306,7 +306,7 @@ def test_aggregator_killed_at_each_stage_aborts_the_round_and_reruns_it_exactly(
             d.close()
     final = checkpoint.load(state)
     assert final["round"] == 1 and final["history"][-1]["attempt"] == 1
-    initial = Model(ModelConfig(kind="linear", n_features=N_FEATURES, n_outputs=1).spec()).init_params(0)
+    initial = BuiltinModel(ModelConfig(kind="linear", n_features=N_FEATURES, n_outputs=1).spec()).init_params(0)
     for k, v in _expected_params(initial, devices, key=(1, 1)).items():
         np.testing.assert_allclose(final["params"][k], v, atol=1e-6)
     rounds = []

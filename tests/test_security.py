@@ -318,7 +318,7 @@ def _keys_message(fed: str, keys: list[str], signer: Signer) -> tuple[str, bytes
 def test_a_signed_key_rollover_reaches_an_agent_without_touching_it(tmp_path):
     from edge_agent.agent import SaveTrustedKeys
     from edge_agent.data import LocalData
-    from edge_agent.models import Model
+    from edge_agent.models import BuiltinModel
     from edge_agent.spec import ModelSpec
 
     old_pub, new_pub = make_key(tmp_path / "old.pem"), make_key(tmp_path / "new.pem")
@@ -328,7 +328,7 @@ def test_a_signed_key_rollover_reaches_an_agent_without_touching_it(tmp_path):
                      verifier=Verifier([old_pub]))
     assert Topics("rot").keys in core.subscriptions()
     spec = ModelSpec("softmax", 3, 2)
-    params = Model(spec).init_params(0)
+    params = BuiltinModel(spec).init_params(0)
     model = wire.encode(wire.ModelMsg("rot", 0, wire.params_version(params), spec, params))
     t = Topics("rot")
     # before the rollover a model signed with the new key is refused

@@ -95,7 +95,7 @@ from aggregator.coordinator import Coordinator  # noqa: E402
 from aggregator.datasets import FederatedData, federated_digits  # noqa: E402
 from bench.experiments import harness as H  # noqa: E402
 from edge_agent import dp, wire  # noqa: E402
-from edge_agent.models import Model, subtract  # noqa: E402
+from edge_agent.models import BuiltinModel, subtract  # noqa: E402
 from edge_agent.training import round_seed, train_local  # noqa: E402
 
 NAME = "exp4_privacy"
@@ -313,7 +313,7 @@ def _job(job: tuple) -> dict:
 def initial_update_norms(s: Setup) -> np.ndarray:
     """L2 norm of every agent's update from the initial model (round 1's training, before clipping)."""
     data = digits(s)
-    model = Model(ModelConfig(kind="softmax", n_features=64, n_outputs=10, seed=0).spec())
+    model = BuiltinModel(ModelConfig(kind="softmax", n_features=64, n_outputs=10, seed=0).spec())
     p0 = model.init_params(0)
     cfg = wire.TrainConfig(s.epochs, s.batch_size, s.lr)
     norms = []

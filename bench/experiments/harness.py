@@ -70,7 +70,7 @@ from aggregator.strategies import STRATEGIES, make_strategy
 from edge_agent import wire
 from edge_agent.agent import AgentCore, Train
 from edge_agent.data import LocalData, split_holdout
-from edge_agent.models import Model
+from edge_agent.models import BuiltinModel
 from edge_agent.mqtt import Publish
 from edge_agent.topics import Topics
 from edge_agent.training import train_local
@@ -248,7 +248,7 @@ def run_federation(
     """Run ``config.rounds`` rounds of the real coordinator with real agent cores (see module doc)."""
     if not config.rounds:
         raise ValueError("run_federation needs a finite number of rounds")
-    model = Model(config.model.spec())
+    model = BuiltinModel(config.model.spec())
     coord = Coordinator(
         config, make_strategy(config.strategy), evaluate=lambda p: model.evaluate(p, X_test, y_test)
     )
@@ -424,7 +424,7 @@ def centralized_baseline(
     *, epochs: int, batch_size: int, lr: float, seed: int = 0,
 ) -> dict[str, float]:
     """The same SGD (batch, lr, initial model) on the pooled training data (as aggregator.demo does)."""
-    model = Model(model_cfg.spec())
+    model = BuiltinModel(model_cfg.spec())
     params = model.init_params(model_cfg.seed)
     params, _ = train_local(model, params, X, y, wire.TrainConfig(epochs, batch_size, lr), seed)
     return model.evaluate(params, X_te, y_te)
@@ -580,7 +580,7 @@ def run_over_broker(
     from edge_agent.config import BrokerConfig
     from edge_agent.mqtt import Loop
 
-    model = Model(config.model.spec())
+    model = BuiltinModel(config.model.spec())
     events: queue.Queue = queue.Queue()
     summaries: list[Any] = []
     params: dict[str, np.ndarray] = {}
