@@ -2,6 +2,6 @@
 
 import sys
 
-from edge_agent.cli import main
+from .cli import main
 
-sys.exit(main(["aggregator", *sys.argv[1:]]))
+sys.exit(main("aggregator", sys.argv[1:]))

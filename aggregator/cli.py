@@ -9,8 +9,9 @@ import signal
 import sys
 
 from edge_agent.cli import config_from_args, setup_logging, stop_on_signals
-from edge_agent.config import BrokerConfig, add_flags, flag_overrides, load, parse_hostport
+from edge_agent.config import BrokerConfig, ConfigError, add_flags, flag_overrides, load, parse_hostport
 from edge_agent.data import DataError
+from edge_agent.model_api import ModelError
 from edge_agent.mqtt import Loop
 from edge_agent.systemd import notify, start_watchdog
 
@@ -32,6 +33,12 @@ def main(command: str, argv: list[str]) -> int:
                     "export": export_main, "serve-onnx": serve_onnx_main, "status": status_main,
                     "privacy": privacy_main, "provision": provision_main}
         return commands[command](argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"fedmqtt {command}: config error: {exc}\n")
+        return 2
+    except ModelError as exc:
+        sys.stderr.write(f"fedmqtt {command}: model error: {exc}\n")
+        return 2
     except (BrokerError, DataError, PartitionError, ExportError, TimeoutError) as exc:
         sys.stderr.write(f"fedmqtt {command}: error: {exc}\n")
         return 2

@@ -45,6 +45,13 @@ class ModelConfig:
                                      hidden=tuple(self.hidden))
         return self._built
 
+    def use(self, model: FedModel) -> None:
+        """Federate this model instance (the Python API): its kind and sizes replace the configured ones."""
+        self.kind, self.n_features, self.n_outputs = model.kind, model.n_features, model.n_outputs
+        self.hidden = list(getattr(model, "hidden", ()))
+        self.options = {}
+        self._built = model
+
     def spec(self) -> ModelSpec:
         if self.kind in MODEL_KINDS:
             return ModelSpec(self.kind, self.n_features, self.n_outputs, tuple(self.hidden))

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from .cli import agent_command
 
-sys.exit(main(["agent", *sys.argv[1:]]))
+sys.exit(agent_command(sys.argv[1:]))

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__, dp, wire
 from .agent_store import AgentStore
-from .data import LocalData
+from .data import DataError, LocalData
 from .eligibility import EligibilityConfig, check_device
 from .model_api import FedModel, ModelError, TrainData
 from .model_loader import model_for_spec
@@ -177,11 +177,11 @@ class AgentCore:
         if not wire.valid_id(self.agent_id):
             raise ValueError(f"agent id {self.agent_id!r} must match [A-Za-z0-9_-]{{1,64}}")
         if self.model is not None:
+            # A device with its own model checks its data once, at start:
+            # a mismatch is a configuration error (ModelError), not a round
+            # that fails later.
             self.capabilities = (self.model.kind,)
-            if self.data.X_train is not None:
-                self.model.check_data(self.data.X_train, self.data.y_train, "training data")
-            if len(self.data.X_holdout):
-                self.model.check_data(self.data.X_holdout, self.data.y_holdout, "holdout data")
+            self._check_data(self.model)
 
     # -- what to say and hear -------------------------------------------------
 
@@ -280,6 +280,8 @@ class AgentCore:
             metrics.update({k: float(v) for k, v in dict(train_metrics).items()})
         except ModelError:
             raise
+        except DataError as exc:  # a malformed batch from a stream
+            raise ModelError("bad_data", str(exc)) from None
         except Exception as exc:  # the user's training loop: whatever it raises stops this device, not the agent
             log.exception("%s: %s failed", self.agent_id, where)
             raise ModelError("training_failed", f"{where}: {type(exc).__name__}: {exc}") from None
@@ -320,11 +322,7 @@ class AgentCore:
         if spec == self._checked:
             return True, []
         try:
-            model = model_for_spec(spec, self.model)
-            if self.data.X_train is not None:
-                model.check_data(self.data.X_train, self.data.y_train, "training data")
-            if len(self.data.X_holdout):
-                model.check_data(self.data.X_holdout, self.data.y_holdout, "holdout data")
+            self._check_data(model_for_spec(spec, self.model))
         except ModelError as exc:
             self._reject(exc.reason, exc.detail)
             return False, self._set_problem(exc.reason, exc.detail)
@@ -334,6 +332,24 @@ class AgentCore:
             self.problem = None
             return True, [self.status("online")]
         return True, []
+
+    def _check_data(self, model: FedModel) -> None:
+        """Raise ModelError unless the local data fits ``model`` (features, label range, finite values)."""
+        d = self.data
+        if d.X_train is not None and d.y_train is not None:
+            # Training and holdout rows together: the message then gives the whole label range.
+            both = len(d.X_holdout) > 0
+            X = np.concatenate([d.X_train, d.X_holdout]) if both else d.X_train
+            y = np.concatenate([d.y_train, d.y_holdout]) if both else d.y_train
+            model.check_data(X, y, "local data")
+            return
+        try:
+            X, y = d.training_rows()
+        except DataError as exc:
+            raise ModelError("bad_data", str(exc)) from None
+        model.check_data(X, y, "first training batch")
+        if len(d.X_holdout):
+            model.check_data(d.X_holdout, d.y_holdout, "holdout data")
 
     def _set_problem(self, code: str, detail: str) -> list[Action]:
         """This device cannot train: log it once and publish it in the status (so it is not selected)."""

@@ -7,7 +7,35 @@ from dataclasses import dataclass, field
 from .config import BrokerConfig
 from .eligibility import EligibilityConfig
 from .signing import valid_public_key
+from .spec import MODEL_KINDS, custom_kind
 from .wire import valid_id
+
+
+@dataclass
+class AgentModelConfig:
+    """Which model this device trains (``[model]``).
+
+    Empty ``kind``: whatever built-in model (softmax, mlp, linear) the
+    federation sends. A built-in name: only that kind. Your own model:
+    ``"package.module:ClassName"`` or an entry-point name of group
+    ``fedmqtt.models``, the same as in the aggregator's config, with its
+    constructor's keyword arguments in ``[model.options]``. Only this
+    file decides what code a device imports, never a message.
+    """
+
+    kind: str = field(default="", metadata={
+        "help": "empty: any built-in model the federation sends; a built-in kind; or your own "
+                "'package.module:ClassName' (or fedmqtt.models entry-point name), as on the aggregator"})
+    options: dict = field(default_factory=dict, metadata={
+        "help": "[model.options]: keyword arguments of a custom model's class (the same as the aggregator's)"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.kind and self.kind not in MODEL_KINDS and not custom_kind(self.kind):
+            return [("kind", f"must be empty, one of {', '.join(MODEL_KINDS)}, or 'package.module:ClassName', "
+                             f"got {self.kind!r}")]
+        if self.options and (not self.kind or self.kind in MODEL_KINDS):
+            return [("options", "only a custom model kind takes options")]
+        return []
 
 
 @dataclass
@@ -38,7 +66,8 @@ class AgentConfig:
 
     federation: str = field(default="demo", metadata={"help": "federation id"})
     agent_id: str = field(default="", metadata={"help": "this device's id ([A-Za-z0-9_-]{1,64})"})
-    data: str = field(default="", metadata={"help": "local data: .npz with X and y, or .csv"})
+    data: str = field(default="", metadata={"help": "local data: .npz with X and y, or .csv (the Python API "
+                                                    "also takes arrays, a callable or batches)"})
     label_column: str = field(default="label", metadata={"help": "label column of a .csv file"})
     holdout: float = field(default=0.2, metadata={"help": "fraction held out to evaluate the global model"})
     seed: int = field(default=0, metadata={"help": "seed of local shuffling and the holdout split"})
@@ -52,6 +81,7 @@ class AgentConfig:
         default="fedmqtt-agent-state",
         metadata={"help": "where the outbox and the trained rounds are kept across restarts (empty: memory only)"},
     )
+    model: AgentModelConfig = field(default_factory=AgentModelConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     security: AgentSecurityConfig = field(default_factory=AgentSecurityConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -62,8 +92,6 @@ class AgentConfig:
             out.append(("federation", f"must match [A-Za-z0-9_-]{{1,64}}, got {self.federation!r}"))
         if not valid_id(self.agent_id):
             out.append(("agent_id", f"must be set and match [A-Za-z0-9_-]{{1,64}}, got {self.agent_id!r}"))
-        if not self.data:
-            out.append(("data", "must name the local data file (.npz or .csv)"))
         if not 0.0 <= self.holdout < 1.0:
             out.append(("holdout", f"must be in [0, 1), got {self.holdout}"))
         return out

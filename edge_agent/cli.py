@@ -1,8 +1,8 @@
-"""The ``fedmqtt`` command.
+"""``fedmqtt agent``, and the command-line plumbing every subcommand shares.
 
-``fedmqtt agent`` is served from this package alone, so a device never
-imports the aggregator or its extras; the other subcommands are handed to
-:mod:`aggregator.cli`, imported only when asked for.
+The ``fedmqtt`` dispatcher itself lives in :mod:`fedmqtt.cli`; ``fedmqtt
+agent`` is served from this package alone, so a device never imports the
+aggregator or its extras.
 """
 
 from __future__ import annotations
@@ -11,30 +11,15 @@ import argparse
 import logging
 import signal
 import sys
-
 from typing import TypeVar
 
-from . import __version__
+from .agent_config import AgentConfig
+from .api import secagg_identity  # noqa: F401 - imported from here by earlier code and tests
 from .config import ConfigError, add_flags, flag_overrides, load, parse_hostport
+from .data import DataError
+from .model_api import ModelError
 
 T = TypeVar("T")
-
-USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,privacy,export,serve-onnx,provision} ...
-
-  demo        run a whole federation on this machine (private broker, aggregator, 10 agents)
-  aggregator  run the aggregator service (--config aggregator.toml)
-  agent       run one edge agent (--config agent.toml)
-  sim         run N simulated agents in one process against a broker
-  status      show a federation's agents and last rounds from the broker's retained messages
-  privacy     plan differential privacy: epsilon for a population, sample size, rounds and noise
-  export      write the ONNX model of a checkpoint or a saved model (.npz)
-  serve-onnx  answer predictions from the federation's current ONNX model (hot-swapped)
-  provision   create the CA, certificates, MQTT passwords, ACL and signing key of a secured federation
-
-`fedmqtt COMMAND --help` for the options of each.
-"""
-
-AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "privacy", "export", "serve-onnx", "provision")
 
 
 def setup_logging(verbosity: int) -> None:
@@ -68,113 +53,36 @@ def config_from_args(cls: type[T], prog: str, description: str, example: str, ar
     return load(cls, args.config, overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedmqtt`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
-        return 0
-    if argv[0] == "--version":
-        sys.stdout.write(f"fedmqtt {__version__}\n")
-        return 0
-    command, rest = argv[0], argv[1:]
+def agent_command(argv: list[str]) -> int:
+    """``fedmqtt agent`` with its errors as one line and exit code 2 (``python -m edge_agent`` too)."""
     try:
-        if command == "agent":
-            return agent_main(rest)
-        if command in AGGREGATOR_COMMANDS:
-            from aggregator.cli import main as aggregator_cli
-
-            return aggregator_cli(command, rest)
-    except ConfigError as exc:
-        sys.stderr.write(f"fedmqtt {command}: config error: {exc}\n")
+        return agent_main(argv)
+    except (ConfigError, DataError, ModelError) as exc:
+        kind = "config error" if isinstance(exc, ConfigError) else "data error"
+        sys.stderr.write(f"fedmqtt agent: {kind}: {exc}\n")
         return 2
-    sys.stderr.write(f"fedmqtt: unknown command {command!r}\n{USAGE}")
-    return 2
-
-
-def secagg_identity(cfg) -> tuple[object | None, object | None]:
-    """(DeviceIdentity, PeerVerifier) of a provisioned device, or (None, None).
-
-    Provisioned means the broker section names a client certificate, its key
-    and the CA. A device without the ``cryptography`` package cannot take part
-    in secure aggregation at all, so it needs neither.
-    """
-    b = cfg.broker
-    if not (cfg.security.sign_secagg_keys and b.cert_file and b.key_file and b.ca_file):
-        return None, None
-    try:
-        from .secagg.identity import DeviceIdentity, PeerVerifier
-    except ImportError:
-        return None, None
-    identity = DeviceIdentity(b.cert_file, b.key_file)
-    if identity.common_name != cfg.agent_id:
-        raise ValueError(f"{b.cert_file} is the certificate of {identity.common_name!r}, not of agent "
-                         f"{cfg.agent_id!r}: peers would refuse its keys")
-    return identity, PeerVerifier(b.ca_file, cfg.federation)
 
 
 def agent_main(argv: list[str]) -> int:
-    """``fedmqtt agent``: one device."""
-    from .agent import AgentCore, AgentRunner
-    from .agent_config import AgentConfig
-    from .agent_store import AgentStore
-    from .data import DataError, load as load_data, split_holdout
-    from .mqtt import Loop
+    """``fedmqtt agent``: one device, configured by agent.toml and flags (see :class:`edge_agent.api.Agent`)."""
+    from .api import Agent
     from .systemd import notify, start_watchdog
 
     cfg = config_from_args(AgentConfig, "fedmqtt agent", "Run one edge agent.", "deploy/agent.toml", argv)
-    try:
-        X, y = load_data(cfg.data, cfg.label_column)
-    except DataError as exc:
-        sys.stderr.write(f"fedmqtt agent: data error: {exc}\n")
-        return 2
-    data = split_holdout(X, y, cfg.holdout, cfg.seed)
-    loop = Loop()
-    verifier = None
-    if cfg.security.trusted_keys:
-        from .signing import Verifier
-
-        try:
-            verifier = Verifier(cfg.security.trusted_keys)
-        except RuntimeError as exc:
-            sys.stderr.write(f"fedmqtt agent: {exc}\n")
-            return 2
-    else:
-        logging.getLogger("fedmqtt.agent").warning(
-            "no [security] trusted_keys: models and tasks are accepted unsigned (development only)")
-    try:
-        identity, peer_verifier = secagg_identity(cfg)
-    except (OSError, ValueError) as exc:
-        sys.stderr.write(f"fedmqtt agent: broker.cert_file/key_file: cannot sign secure-aggregation keys: {exc}\n")
-        return 2
-    core = AgentCore(agent_id=cfg.agent_id, fed=cfg.federation, data=data, seed=cfg.seed, verifier=verifier,
-                     private=cfg.hide_sample_count, secagg_identity=identity, secagg_verifier=peer_verifier)
     where = f"agent {cfg.agent_id} of federation {cfg.federation} on {cfg.broker.host}:{cfg.broker.port}"
 
     # systemd (Type=notify): READY=1 once the broker accepted us, STOPPING=1 on the way out.
-    def connected(_runner) -> None:
+    def connected(_agent) -> None:
         notify(f"READY=1\nSTATUS={where}: connected")
+
+    agent = Agent(cfg, on_connect=connected)
 
     def stop(*_) -> None:
         notify(f"STOPPING=1\nSTATUS={where}: stopping")
-        loop.stop()
+        agent.loop.stop()
 
-    runner = AgentRunner(
-        loop,
-        core,
-        cfg.broker,
-        on_done=stop if cfg.exit_when_done else None,
-        store=AgentStore(cfg.state_dir) if cfg.state_dir else None,
-        eligibility=cfg.eligibility,
-        on_connect=connected,
-    )
-    runner.start()
     notify(f"STATUS={where}: connecting to the broker")
-    start_watchdog(loop)  # WATCHDOG=1 from this loop's timers, when the unit has WatchdogSec=
+    start_watchdog(agent.loop)  # WATCHDOG=1 from this loop's timers, when the unit has WatchdogSec=
     stop_on_signals(stop)
-    logging.getLogger("fedmqtt.agent").info(
-        "agent %s: %d training and %d holdout samples, broker %s:%d",
-        cfg.agent_id, data.num_samples, len(data.X_holdout), cfg.broker.host, cfg.broker.port,
-    )
-    loop.run()
+    agent.run()
     return 0

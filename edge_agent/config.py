@@ -109,7 +109,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
 
 
 def check(obj: Any, where: str = "config") -> None:
-    """Run ``problems()`` of ``obj`` and of its nested sections; raise on the first."""
+    """Run ``problems()`` of ``obj`` and of its nested sections; raise on the first.
+
+    A config built in Python is checked for attributes that are not keys
+    too: ``cfg.round.rounds = 5`` (the key is ``cfg.rounds``) would
+    otherwise be silently ignored.
+    """
+    names = {f.name for f in dataclasses.fields(obj)}
+    stray = sorted(k for k in vars(obj) if k not in names)
+    if stray:
+        name = stray[0] if where == "config" else f"{where}.{stray[0]}"
+        raise ConfigError(f"{name}: unknown key (known keys: {', '.join(sorted(n for n in names if n[0] != '_'))})")
     if hasattr(obj, "problems"):
         for key, problem in obj.problems():
             name = key if where == "config" else f"{where}.{key}"

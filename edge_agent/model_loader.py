@@ -60,6 +60,24 @@ def load_model(kind: str, options: Mapping[str, Any] | None = None, *, n_feature
     return model
 
 
+def named(model: FedModel) -> FedModel:
+    """A model instance given in Python, with its ``kind`` set: its own, else ``module:ClassName``.
+
+    The aggregator and the agents must then name the same class, which they
+    do when both pass an instance of it or configure that name.
+    """
+    if not isinstance(model, FedModel):
+        raise ModelError("bad_model", f"{type(model).__name__} does not implement fedmqtt.Model "
+                                      "(subclass fedmqtt.Model or fedmqtt.NumpyModel)")
+    if not model.kind:
+        model.kind = f"{type(model).__module__}:{type(model).__qualname__}"
+    try:
+        model.spec  # noqa: B018 - checks names, shapes and sizes
+    except (ValueError, TypeError) as exc:
+        raise ModelError("bad_model", f"model {model.kind!r}: {exc}") from None
+    return model
+
+
 def _resolve(kind: str) -> type:
     if ":" in kind:
         module_name, _, attr = kind.partition(":")

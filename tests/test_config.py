@@ -125,11 +125,16 @@ def test_partial_file_keeps_defaults(tmp_path):
     assert cfg.model == ModelConfig()
 
 
-def test_agent_config_needs_id_and_data():
+def test_agent_config_needs_id_and_the_agent_needs_data():
     msg = _error(AgentConfig, None)
     assert "agent_id" in msg
-    msg = _error(AgentConfig, None, {"agent_id": "a1"})
-    assert "data" in msg
+    # The data may come from Python (arrays, a callable, batches), so the
+    # config alone does not need a file; an agent given none is refused.
+    from edge_agent.api import Agent
+
+    cfg = load(AgentConfig, None, {"agent_id": "a1"})
+    with pytest.raises(ConfigError, match="^data: must name the local data file"):
+        Agent(cfg)
     assert load(AgentConfig, None, {"agent_id": "a1", "data": "x.npz"}).agent_id == "a1"
 
 
@@ -226,7 +231,9 @@ def test_invalid_model_outputs_is_explained(tmp_path):
     "text, key",
     [
         ('agent_id = "a b"\ndata = "x.npz"\n', "agent_id"),
-        ('agent_id = "a"\ndata = ""\n', "data"),
+        ('agent_id = "a"\n[model]\nkind = "not a kind!"\n', "model.kind"),
+        ('agent_id = "a"\n[model]\nkind = "softmax"\n[model.options]\nwidth = 3\n', "model.options"),
+        ('agent_id = "a"\n[model]\noptions = 3\n', "model.options"),
         ('agent_id = "a"\ndata = "x.npz"\nholdout = 1.0\n', "holdout"),
         ('agent_id = "a"\ndata = "x.npz"\nfederation = "x/y"\n', "federation"),
         ('agent_id = "a"\ndata = "x.npz"\n[broker]\nport = 70000\n', "broker.port"),

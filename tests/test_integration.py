@@ -182,7 +182,7 @@ def test_agent_command_imports_no_aggregator_code_or_extras(fed, broker, tmp_pat
     raw_client().publish(Topics(fed).task, wire.encode(wire.TaskMsg(fed, 1, "v", state="done")), retain=True)
     script = (
         "import json, sys\n"
-        "from edge_agent.cli import main\n"
+        "from fedmqtt.cli import main\n"
         f"rc = main(['agent', '--broker', '{broker.address}', '--federation', '{fed}', '--agent-id', 'probe',"
         f" '--data', '{tmp_path / 'd.npz'}', '--exit-when-done', 'true', '--state-dir', '{tmp_path / 's'}'])\n"
         "print(json.dumps(sorted(sys.modules)))\n"

@@ -1,0 +1,172 @@
+"""The server's Python API: run a federation's aggregator from Python.
+
+``fedmqtt.Aggregator`` and ``fedmqtt.run_aggregator`` are re-exported from
+here; ``fedmqtt aggregator`` (the CLI, and systemd) runs the same service.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from edge_agent.config import ConfigError, check, from_dict, load
+from edge_agent.data import local_data
+from edge_agent.model_api import FedModel
+from edge_agent.model_loader import named
+from edge_agent.mqtt import Loop
+
+from .config import AggregatorConfig
+from .coordinator import Finished, RoundClosed, RoundSummary
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
+
+
+def aggregator_config(config: AggregatorConfig | str | Path | Mapping[str, Any]) -> AggregatorConfig:
+    """An :class:`AggregatorConfig` from an object, a TOML file or a dict of the same keys (checked)."""
+    if isinstance(config, AggregatorConfig):
+        check(config)
+        return config
+    if isinstance(config, (str, Path)):
+        return load(AggregatorConfig, config)
+    if isinstance(config, Mapping):
+        return from_dict(AggregatorConfig, dict(config))
+    raise ConfigError(f"config must be an AggregatorConfig, a path to aggregator.toml or a dict, "
+                      f"got {type(config).__name__}")
+
+
+class Aggregator:
+    """A federation's aggregator: opens rounds, folds the agents' updates, publishes each new model.
+
+    ``config`` is an :class:`AggregatorConfig` (or a path to its TOML file,
+    or a dict of its keys). ``model`` is a :class:`fedmqtt.Model` instance
+    that replaces ``[model]`` (the agents must train the same class).
+    ``evaluate(params) -> metrics`` or ``test_data=(X, y)`` evaluates every
+    new global model centrally (otherwise ``config.test_data``, if set).
+    State, journal and checkpoints live in ``config.state_dir``: an
+    aggregator started again on the same directory resumes the federation.
+
+    Use :meth:`run` in the foreground, or :meth:`start` / :meth:`wait` /
+    :meth:`stop` (also as a context manager). :attr:`params` is the current
+    global model, :attr:`history` the closed rounds.
+    """
+
+    def __init__(self, config: AggregatorConfig | str | Path | Mapping[str, Any], *, model: FedModel | None = None,
+                 evaluate: Evaluator | None = None, test_data: Any = None,
+                 on_round: Callable[[RoundSummary], None] | None = None, loop: Loop | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        from .service import AggregatorService  # the service pulls in the strategies, checkpoints and journal
+
+        cfg = aggregator_config(config)
+        if model is not None:
+            model = named(model)
+            cfg.model.use(model)
+        if test_data is not None:
+            if evaluate is not None:
+                raise ConfigError("give evaluate= or test_data=, not both")
+            evaluate = _evaluator(cfg.model.build(), test_data)
+        self.config = cfg
+        self.loop = loop or Loop()
+        self._own_loop = loop is None
+        self._on_round = on_round
+        self.finished = threading.Event()
+        self.finish: Finished | None = None
+        self.rounds: "queue.Queue[RoundSummary]" = queue.Queue()
+        self.service = AggregatorService(cfg, self.loop, evaluate=evaluate, on_round=self._round,
+                                         on_finished=self._finished, on_ready=on_ready)
+        self._started = False
+
+    # -- what a caller sees ----------------------------------------------------
+
+    @property
+    def coordinator(self):
+        """The sans-I/O round coordinator (read it from the loop thread, or once the run is over)."""
+        return self.service.coordinator
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The current global model's parameters (a copy)."""
+        return {k: v.copy() for k, v in self.coordinator.params.items()}
+
+    @property
+    def round(self) -> int:
+        return self.coordinator.round
+
+    @property
+    def history(self) -> list[RoundSummary]:
+        return list(self.coordinator.history)
+
+    # -- running ---------------------------------------------------------------
+
+    def run(self) -> Finished | None:
+        """Serve in this thread until the federation finishes (or :meth:`stop`); returns why it finished."""
+        self._start_service()
+        self.loop.run()
+        return self.finish
+
+    def start(self) -> "Aggregator":
+        """Serve on a background thread; returns self."""
+        self._start_service()
+        if self._own_loop:
+            self.loop.start(name=f"fedmqtt-aggregator-{self.config.federation}")
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the federation finishes; False on timeout."""
+        return self.finished.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop serving (the state on disk stays, so a new Aggregator on it resumes)."""
+        if self._own_loop:
+            self.loop.stop()
+            if self.loop.thread is not None and self.loop.thread is not threading.current_thread():
+                self.loop.thread.join(10)
+
+    def __enter__(self) -> "Aggregator":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start_service(self) -> None:
+        if self._started:
+            raise RuntimeError("this aggregator was already started")
+        self._started = True
+        self.service.start()
+
+    def _round(self, ev: RoundClosed) -> None:
+        self.rounds.put(ev.summary)
+        if self._on_round is not None:
+            self._on_round(ev.summary)
+
+    def _finished(self, finish: Finished) -> None:
+        self.finish = finish
+        self.finished.set()
+        if self._own_loop and self._started_in_foreground():
+            self.loop.stop()
+
+    def _started_in_foreground(self) -> bool:
+        return self.loop.thread is None
+
+
+def run_aggregator(config: AggregatorConfig | str | Path | Mapping[str, Any], **kwargs: Any) -> Aggregator:
+    """Run an aggregator in the foreground until the federation finishes; returns it (params, history)."""
+    agg = Aggregator(config, **kwargs)
+    agg.run()
+    return agg
+
+
+def _evaluator(model: FedModel, test_data: Any) -> Evaluator:
+    data = local_data(test_data, holdout=0.0)
+    X, y = data.training_rows()
+    model.check_data(X, y, "test_data")
+    return lambda params: model.evaluate(params, X, y)
+
+
+__all__ = ["Aggregator", "run_aggregator", "aggregator_config"]
