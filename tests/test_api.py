@@ -357,3 +357,15 @@ def test_an_aggregator_config_naming_a_missing_model_names_the_key(tmp_path):
     p.write_text('[model]\nkind = "no_such_module_xyz:Model"\n')
     with pytest.raises(ConfigError, match=r"model\.kind: model 'no_such_module_xyz:Model': cannot import"):
         load(AggregatorConfig, p)
+
+
+def test_a_device_installs_numpy_msgpack_and_paho_only():
+    """The installed distribution's unconditional requirements (what `pip install fedmqtt` pulls in)."""
+    import re
+    from importlib import metadata
+
+    requires = metadata.requires("fedmqtt") or []
+    base = sorted(re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in requires if "extra ==" not in r)
+    assert base == ["msgpack", "numpy", "paho-mqtt"]
+    torch_extra = [r for r in requires if 'extra == "torch"' in r]
+    assert torch_extra and all(r.startswith("torch") for r in torch_extra)
