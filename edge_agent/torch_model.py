@@ -75,6 +75,8 @@ TORCH_SEED_BITS = 63
 # order comes from default_rng(seed) itself, as in NumpyModel.fit, so a torch
 # model and a numpy model visit the batches in the same order for one seed.
 TORCH_STREAM = 0x7043
+# Serializes the seeded sections of every TorchModel in this process (see TorchModel._rng).
+_TORCH_RNG_LOCK = threading.RLock()
 
 
 def _resolve(ref: str, what: str) -> Any:
@@ -475,9 +477,14 @@ class TorchModel(FedModel):
 
     @contextmanager
     def _rng(self, seed: int) -> Iterator[None]:
-        """torch seeded with ``seed`` inside, torch's global RNG state restored after."""
+        """torch seeded with ``seed`` inside, torch's global RNG state restored after.
+
+        torch's RNG is one per process: every model's seeded section holds
+        the one process-wide lock, so two models training at once in one
+        process (several agents) cannot reseed each other mid-fit.
+        """
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with _TORCH_RNG_LOCK, torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
 

@@ -436,3 +436,37 @@ def test_the_model_loader_builds_one_from_a_config():
                        {"module": f"{__name__}:make_cnn", "n_features": 64, "n_outputs": 10})
     assert isinstance(model, TorchModel) and model.kind == "edge_agent.torch_model:TorchModel"
     assert model.parameter_shapes() == TorchModel(make_cnn, n_features=64, n_outputs=10).parameter_shapes()
+
+
+def test_models_training_at_once_in_one_process_do_not_reseed_each_other():
+    """torch's RNG is per process: a fit_fn that draws from it gives the same result alone or beside others."""
+    import threading
+
+    def noisy_fit(module, data, config):
+        for _ in range(200):  # long enough for the threads to interleave
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+        return {"loss": 0.0}
+
+    X, y = digits_like()
+    data = TrainData(X, y, len(X))
+    cfg = TrainConfig(1, 16, 0.1)
+    models = [TorchModel(make_cnn, n_features=64, n_outputs=10, fit_fn=noisy_fit) for _ in range(4)]
+    start = models[0].init_params(0)
+    alone = [m.fit(start, data, cfg, seed)[0] for seed, m in enumerate(models)]
+    together: list = [None] * 4
+
+    def run(i):
+        together[i] = models[i].fit(start, data, cfg, i)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    first = next(iter(alone[0]))
+    assert not np.array_equal(alone[0][first], alone[1][first])  # the seeds differ, so do the fits
