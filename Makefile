@@ -23,9 +23,9 @@ bench: setup-dev
 setup-demo:
 	@scripts/setup.sh $(VENV) aggregator,demo
 
-# The tests run the demo too, so the dev set includes the demo extras.
+# The tests run the demo and the dashboard too, so the dev set includes their extras.
 setup-dev:
-	@scripts/setup.sh $(VENV) aggregator,demo,dev
+	@scripts/setup.sh $(VENV) aggregator,demo,dashboard,dev
 
 clean:
 	rm -rf $(VENV) fedmqtt-out .pytest_cache .hypothesis *.egg-info

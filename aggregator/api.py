@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from edge_agent.config import ConfigError, check, from_dict, load
-from edge_agent.data import local_data
+from edge_agent.data import Batches, local_data
 from edge_agent.model_api import FedModel
+from edge_agent.lifecycle import LoopService
 from edge_agent.model_loader import named
 from edge_agent.mqtt import Loop
 
@@ -41,7 +41,7 @@ def aggregator_config(config: AggregatorConfig | str | Path | Mapping[str, Any])
                       f"got {type(config).__name__}")
 
 
-class Aggregator:
+class Aggregator(LoopService):
     """A federation's aggregator: opens rounds, folds the agents' updates, publishes each new model.
 
     ``config`` is an :class:`AggregatorConfig` (or a path to its TOML file,
@@ -72,15 +72,14 @@ class Aggregator:
                 raise ConfigError("give evaluate= or test_data=, not both")
             evaluate = _evaluator(cfg.model.build(), test_data)
         self.config = cfg
-        self.loop = loop or Loop()
-        self._own_loop = loop is None
+        self._init_loop(loop)
+        self.thread_name = f"fedmqtt-aggregator-{cfg.federation}"
         self._on_round = on_round
-        self.finished = threading.Event()
         self.finish: Finished | None = None
         self.rounds: "queue.Queue[RoundSummary]" = queue.Queue()
         self.service = AggregatorService(cfg, self.loop, evaluate=evaluate, on_round=self._round,
                                          on_finished=self._finished, on_ready=on_ready)
-        self._started = False
+        self.service.fatal_callback = self._failed
 
     # -- what a caller sees ----------------------------------------------------
 
@@ -105,39 +104,14 @@ class Aggregator:
     # -- running ---------------------------------------------------------------
 
     def run(self) -> Finished | None:
-        """Serve in this thread until the federation finishes (or :meth:`stop`); returns why it finished."""
-        self._start_service()
-        self.loop.run()
+        """Serve in this thread until the federation finishes (or :meth:`stop`); returns why it finished.
+
+        Raises ConfigError if the broker refused the aggregator for good.
+        """
+        super().run()
         return self.finish
 
-    def start(self) -> "Aggregator":
-        """Serve on a background thread; returns self."""
-        self._start_service()
-        if self._own_loop:
-            self.loop.start(name=f"fedmqtt-aggregator-{self.config.federation}")
-        return self
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the federation finishes; False on timeout."""
-        return self.finished.wait(timeout)
-
-    def stop(self) -> None:
-        """Stop serving (the state on disk stays, so a new Aggregator on it resumes)."""
-        if self._own_loop:
-            self.loop.stop()
-            if self.loop.thread is not None and self.loop.thread is not threading.current_thread():
-                self.loop.thread.join(10)
-
-    def __enter__(self) -> "Aggregator":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _start_service(self) -> None:
-        if self._started:
-            raise RuntimeError("this aggregator was already started")
-        self._started = True
+    def _begin(self) -> None:
         self.service.start()
 
     def _round(self, ev: RoundClosed) -> None:
@@ -163,6 +137,8 @@ def run_aggregator(config: AggregatorConfig | str | Path | Mapping[str, Any], **
 
 
 def _evaluator(model: FedModel, test_data: Any) -> Evaluator:
+    if isinstance(test_data, Batches):
+        raise ConfigError("test_data must be arrays (X, y), a path or a callable returning arrays, not Batches")
     data = local_data(test_data, holdout=0.0)
     X, y = data.training_rows()
     model.check_data(X, y, "test_data")

@@ -7,9 +7,10 @@ import logging
 from dataclasses import dataclass, field
 import signal
 import sys
+import threading
 
 from edge_agent.cli import config_from_args, setup_logging, stop_on_signals
-from edge_agent.config import BrokerConfig, ConfigError, add_flags, flag_overrides, load, parse_hostport
+from edge_agent.config import BrokerConfig, ConfigError, add_flags, flag_overrides, load, parse_bool, parse_hostport
 from edge_agent.data import DataError
 from edge_agent.model_api import ModelError
 from edge_agent.mqtt import Loop
@@ -31,7 +32,7 @@ def main(command: str, argv: list[str]) -> int:
     try:
         commands = {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main,
                     "export": export_main, "serve-onnx": serve_onnx_main, "status": status_main,
-                    "privacy": privacy_main, "provision": provision_main}
+                    "dashboard": dashboard_main, "privacy": privacy_main, "provision": provision_main}
         return commands[command](argv)
     except ConfigError as exc:
         sys.stderr.write(f"fedmqtt {command}: config error: {exc}\n")
@@ -165,6 +166,9 @@ def aggregator_main(argv: list[str]) -> int:
     log.info("aggregator for federation %s on %s:%d, state in %s",
              cfg.federation, cfg.broker.host, cfg.broker.port, cfg.state_dir)
     loop.run()
+    if service.fatal is not None:
+        sys.stderr.write(f"fedmqtt aggregator: config error: broker: {service.fatal}\n")
+        return 2
     return 0
 
 
@@ -173,7 +177,6 @@ def sim_main(argv: list[str]) -> int:
     from .sim import Simulation
 
     p = argparse.ArgumentParser(prog="fedmqtt sim", description="Run N simulated agents in one process.")
-    p.add_argument("--broker", metavar="HOST:PORT", default="127.0.0.1:1883")
     p.add_argument("--federation", "--fed", default="demo")
     p.add_argument("--agents", type=positive_int, default=10)
     p.add_argument("--dataset", choices=DATASETS, default="digits")
@@ -182,18 +185,18 @@ def sim_main(argv: list[str]) -> int:
     p.add_argument("--beta", type=float, default=0.5, help="Synthetic β")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction each agent holds out for evaluation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exit-when-done", action="store_true", help="exit when the federation finishes")
+    p.add_argument("--exit-when-done", metavar="BOOL", nargs="?", const="true", default="false", type=parse_bool,
+                   help="exit when the federation finishes (as on `fedmqtt agent`: bare, or true/false)")
     p.add_argument("--prefix", default="agent", help="agent ids are PREFIX-000, PREFIX-001, ...")
     p.add_argument("--train-delay", type=float, default=0.0, help="simulated compute seconds per training")
     p.add_argument("-v", "--verbose", action="count", default=1)
-    a = p.parse_args(argv)
+    a, broker = _client_broker(p, argv)  # --broker HOST:PORT and the --broker-* TLS and login flags
     setup_logging(a.verbose)
-    host, port = parse_hostport(a.broker)
     if a.dataset == "digits":
         data = federated_digits(a.agents, a.partition, a.alpha, a.seed, a.holdout)
     else:
         data = federated_synthetic(a.agents, a.alpha, a.beta, a.seed)
-    sim = Simulation(BrokerConfig(host=host, port=port), a.federation, data.agents, seed=a.seed, loop=Loop(),
+    sim = Simulation(broker, a.federation, data.agents, seed=a.seed, loop=Loop(),
                      prefix=a.prefix, train_delay=a.train_delay)
     stop_on_signals(sim.loop.stop)
     sim.start()
@@ -237,22 +240,58 @@ def export_main(argv: list[str]) -> int:
 
 def serve_onnx_main(argv: list[str]) -> int:
     """``fedmqtt serve-onnx``: predictions from the current ONNX model, hot-swapped."""
+    from .serve_http import MAX_BODY_BYTES, MAX_ROWS, PredictionServer, parse_listen, serve_http
     from .serve_onnx import OnnxFollower, serve
 
     p = argparse.ArgumentParser(
         prog="fedmqtt serve-onnx",
         description="Answer one CSV line per input row (round,label,probabilities... or round,prediction) "
-        "with the federation's current ONNX model, swapped in as new rounds arrive.",
+        "with the federation's current ONNX model, swapped in as new rounds arrive; or, with --http, "
+        "answer JSON requests over HTTP.",
+        epilog=f"HTTP API (--http): POST /predict with {{\"rows\": [[x0, x1, ...], ...]}} (at most {MAX_ROWS} rows, "
+        f"{MAX_BODY_BYTES // 2**20} MiB) answers {{\"round\", \"version\", \"labels\", \"probabilities\"}} "
+        "(classifiers) or {\"round\", \"version\", \"predictions\"} (regression), all rows from one model; "
+        "GET /model describes the model served; GET /health is 200 once predictions are served, 503 before. "
+        "Errors are {\"error\": ...}; a bad row is named by its 0-based index in \"rows\".",
     )
     p.add_argument("--federation", "--fed", default="demo")
-    p.add_argument("--input", default="-", help="CSV rows of features (default: stdin, answered line by line)")
-    p.add_argument("--wait", type=positive_float, default=60.0, help="seconds to wait for a first model")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--input", default="-", help="CSV rows of features (default: stdin, answered line by line)")
+    mode.add_argument("--http", type=parse_listen, metavar="HOST:PORT",
+                      help="serve a JSON HTTP API on this address instead, e.g. 127.0.0.1:8080 "
+                      "(port 0: any free port; the address is printed on stderr)")
+    p.add_argument("--serve-initial", action="store_true",
+                   help="--http: also predict with the round-0 model (untrained, initial parameters); "
+                   "by default /predict answers 503 until the first trained round arrives")
+    p.add_argument("--wait", type=positive_float, default=60.0,
+                   help="CSV mode: seconds to wait for a first model (--http answers 503 while waiting)")
     p.add_argument("--trusted-key", action="append", default=[], metavar="HEX",
                    help="serve only models signed by this Ed25519 public key (repeatable)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     a, broker = _client_broker(p, argv)
+    if a.serve_initial and a.http is None:
+        p.error("--serve-initial applies to --http (the CSV mode answers from the first model it gets)")
     setup_logging(a.verbose)
-    follower = OnnxFollower(broker, a.federation, trusted_keys=a.trusted_key)
+    try:
+        follower = OnnxFollower(broker, a.federation, trusted_keys=a.trusted_key)
+    except (ValueError, RuntimeError) as exc:  # a malformed --trusted-key, cryptography missing
+        raise ConfigError(str(exc)) from None
+    if a.http is not None:
+        try:
+            server = PredictionServer(a.http, follower, serve_initial=a.serve_initial)
+        except OSError as exc:  # address in use, not an address of this host...
+            sys.stderr.write(f"fedmqtt serve-onnx: error: --http {a.http[0]}:{a.http[1]}: cannot listen: {exc}\n")
+            return 2
+        follower.start()
+        # serve_forever runs on this thread: shutdown() must come from another one
+        stop_on_signals(lambda: threading.Thread(target=server.shutdown, daemon=True).start())
+        sys.stderr.write(f"fedmqtt serve-onnx: serving {server.url} (POST /predict, GET /model, GET /health)\n")
+        sys.stderr.flush()
+        try:
+            serve_http(server)
+        finally:
+            follower.stop()
+        return 0
     follower.start()
     try:
         if a.input == "-":
@@ -273,5 +312,35 @@ def status_main(argv: list[str]) -> int:
                                 description="Show a federation's agents and last rounds from the broker's retained messages.")
     p.add_argument("--federation", "--fed", default="demo")
     a, broker = _client_broker(p, argv)
-    sys.stdout.write(render(collect(broker, a.federation)))
+    view = collect(broker, a.federation)
+    sys.stdout.write(render(view))
+    # 1: the broker answered but holds nothing of this federation (a wrong name, or another broker)
+    return 1 if view.model is None and view.task is None and not view.agents else 0
+
+
+def dashboard_main(argv: list[str]) -> int:
+    """``fedmqtt dashboard``: a live web page of the fleet, from retained messages alone."""
+    from .dashboard import DEFAULT_LISTEN, Dashboard, DashboardError, parse_listen
+
+    p = argparse.ArgumentParser(prog="fedmqtt dashboard",
+                                description="Serve a live web page of a federation's agents, rounds, accuracy "
+                                "and privacy, read from the broker's retained messages (it never publishes).")
+    p.add_argument("--federation", "--fed", default="demo")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"where to serve the page (default {DEFAULT_LISTEN}; port 0: any free port). The page "
+                   "shows what the broker credentials can read: keep it on loopback unless that is public.")
+    p.add_argument("--budget", type=positive_float, default=None,
+                   help="DP: the privacy budget to draw against epsilon (it is not published on the broker)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    a, broker = _client_broker(p, argv)
+    setup_logging(a.verbose)
+    try:
+        dash = Dashboard(broker, a.federation, parse_listen(a.listen), budget=a.budget or 0.0)
+    except DashboardError as exc:
+        sys.stderr.write(f"fedmqtt dashboard: error: {exc}\n")
+        return 2
+    stop_on_signals(dash.loop.stop)
+    sys.stdout.write(f"fedmqtt dashboard: federation {a.federation} on {dash.broker_name}, serving {dash.url}\n")
+    sys.stdout.flush()
+    dash.run()
     return 0

@@ -242,6 +242,14 @@ class SecurityConfig:
         default=20.0, metadata={"help": "messages per second one agent may send on average (0: no limit)"}
     )
     rate_burst: int = field(default=100, metadata={"help": "messages one agent may send at once before the rate applies"})
+    # Agent identity rests on the broker's ACL (docs/PROTOCOL.md §1.5): at
+    # start the aggregator tries an anonymous publish under update/ and warns
+    # when the broker takes it.
+    probe_open_broker: bool = field(
+        default=True,
+        metadata={"help": "at start, warn when the broker lets an anonymous client publish to fl/<fed>/update/+ "
+                          "(tried with a second, anonymous connection and an ignored probe topic)"},
+    )
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -450,6 +458,43 @@ class OnnxConfig:
         return out
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) of a listening socket; ValueError saying what is wrong.
+
+    Port 0 asks the system for a free port (the service logs which).
+    """
+    host, sep, port = text.rpartition(":")
+    if "://" in text or "/" in text:
+        raise ValueError(f"expected HOST:PORT without a scheme or path (it serves /metrics), got {text!r}")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port in 0..65535 (e.g. 127.0.0.1:9108), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets ([::1]:9108), got {text!r}")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+@dataclass
+class MetricsConfig:
+    """Monitoring: a Prometheus/OpenMetrics endpoint (README "Watching a federation")."""
+
+    listen: str = field(default="", metadata={
+        "help": "HOST:PORT to serve Prometheus metrics on at /metrics, e.g. 127.0.0.1:9108 (needs prometheus-client, "
+                "in the aggregator extra; empty: off). Operators only: keep it on loopback or a private network"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not self.listen:
+            return []
+        try:
+            parse_listen(self.listen)
+        except ValueError as exc:
+            return [("listen", str(exc))]
+        return []
+
+
 @dataclass
 class AggregatorConfig:
     """Everything the aggregator service needs."""
@@ -472,6 +517,7 @@ class AggregatorConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -526,6 +572,12 @@ class AggregatorConfig:
                 out.append(("round.min_agents", f"secure aggregation with threshold {sa.threshold:g} needs at least "
                             f"{int(sa.threshold) + 1} agents per round"))
         labels = self.onnx.class_labels
-        if labels and (self.model.kind == "linear" or len(labels) != self.model.n_outputs):
-            out.append(("onnx.class_labels", f"needs one name per class ({self.model.n_outputs}), got {len(labels)}"))
+        if labels:
+            try:
+                model = self.model.build()
+            except ModelError:
+                model = None  # [model] reports its own problem
+            if model is not None and (not model.classifier or len(labels) != model.n_outputs):
+                classes = model.n_outputs if model.classifier else "none: a regressor"
+                out.append(("onnx.class_labels", f"needs one name per class ({classes}), got {len(labels)}"))
         return out

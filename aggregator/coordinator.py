@@ -45,6 +45,7 @@ import numpy as np
 
 from edge_agent import dp, wire
 from edge_agent.mqtt import Publish
+from edge_agent.ratelog import RejectionLog
 from edge_agent.topics import Topics
 
 from .config import AggregatorConfig
@@ -69,7 +70,7 @@ MAX_AGENT_METRICS = 32
 MIN_SECAGG_DEVICES = 3
 # What a DP federation's metrics message publishes besides test_* (central
 # evaluation): the privacy figures and the released clip norm.
-PUBLIC_DP_METRICS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "clip")
+PUBLIC_DP_METRICS = ("epsilon", "epsilon_budget", "delta", "noise_multiplier", "sampling_rate", "clip")
 # Async mode remembers this many model versions beyond the accepted
 # staleness, so that an old update is reported as too_stale rather than as
 # built on an unknown base.
@@ -206,6 +207,10 @@ class Coordinator:
         # Per-agent token buckets: agent -> (tokens, time of last refill).
         self._buckets: dict[str, tuple[float, float]] = {}
         self.rejected: Counter[str] = Counter()
+        # Log lines of rejections are thinned per reason (the counter above stays
+        # exact); its clock is the time of the last event, so no wall clock here.
+        self._now = 0.0
+        self._rejection_log = RejectionLog(log, "dropped", clock=lambda: self._now)
         self.accepted = 0
         self.finished = False
         self._journal_backlog = list(journal or [])
@@ -231,7 +236,9 @@ class Coordinator:
         if state is None:
             log.info("federation %s: new run %d", config.federation, run)
             self.round = 0
-            self.params: Params = config.model.build().init_params(config.model.seed)
+            # A user's init_params is checked like their fit: float32, every name, the spec's shapes.
+            model = config.model.build()
+            self.params: Params = model.check_params(model.init_params(config.model.seed), f"{model.kind} init_params")
             self.rng = np.random.default_rng(config.round.seed)
             self.attempt = 0
             self.history: list[RoundSummary] = []
@@ -278,6 +285,7 @@ class Coordinator:
 
     def receive(self, topic: str, payload: bytes, now: float) -> list[Action]:
         """A message arrived on one of our subscriptions."""
+        self._now = now
         kind, agent = self.topics.parse(topic)
         if kind in ("status", "update") and not self._within_rate(agent, now):
             # Counted before decoding: a flood costs a counter, not a decode.
@@ -294,6 +302,7 @@ class Coordinator:
 
     def tick(self, now: float) -> list[Action]:
         """Time passed: enforce the deadline, open a round if one can open."""
+        self._now = now
         o = self.open
         if o is None:
             return self._maybe_open(now)
@@ -518,7 +527,7 @@ class Coordinator:
 
     def _reject(self, reason: str, detail: str) -> list[Action]:
         self.rejected[reason] += 1
-        log.warning("dropped (%s): %s", reason, detail)
+        self._rejection_log.log(reason, detail)
         return []
 
     # -- opening and closing --------------------------------------------------

@@ -10,7 +10,6 @@ stream it is given; the library code underneath only logs.
 
 from __future__ import annotations
 
-import csv
 import queue
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from .config import (
 )
 from .coordinator import RoundClosed, RoundSummary
 from .datasets import federated_digits
+from .metrics_log import write_csv
 from .onnx_export import to_onnx_bytes
 from .service import AggregatorService
 from .sim import Simulation
@@ -151,7 +151,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 fedbuff=FedBuffConfig(buffer=min(opts.buffer, opts.agents)),
                 # The simulated agents are our own: no rate limit (an async
                 # demo legitimately sends ~30 updates per agent per second).
-                security=SecurityConfig(rate_limit=0.0),
+                # Our private loopback broker is open by design: no warning about it.
+                security=SecurityConfig(rate_limit=0.0, probe_open_broker=opts.broker is not None),
                 privacy=PrivacyConfig(mode=opts.dp, noise_multiplier=opts.noise, clip=opts.clip,
                                       expected_per_round=opts.expected or max(1, opts.agents // 2),
                                       population=opts.agents, budget=opts.budget,
@@ -260,17 +261,32 @@ def write_outputs(result: DemoResult, config: AggregatorConfig, params: dict[str
         to_onnx_bytes(config.model.spec(), params, federation=config.federation, round=last.round,
                       version=last.version),
     )
-    names = sorted({k for s in result.rounds for k in s.metrics})
-    with (out / "metrics.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["round", "participants", "selected", "seconds", "version", *names])
-        for s in result.rounds:
-            w.writerow([s.round, s.participants, s.selected, f"{s.seconds:.4f}", s.version,
-                        *(f"{s.metrics[n]:.6f}" if n in s.metrics else "" for n in names)])
-    plot_accuracy(out / "accuracy.png", result)
+    # The aggregator's own metrics.csv layout (one `seconds` column: the metric of that name is it).
+    write_csv(out / "metrics.csv", result.rounds)
+    plot_accuracy(out / "accuracy.png", result, run_label(config, result.rounds[-1].metrics))
 
 
-def plot_accuracy(path: Path, result: DemoResult) -> None:
+def run_label(config: AggregatorConfig, last_metrics: dict[str, float]) -> str:
+    """What the curve is, for the legend: rule, async, DP with its epsilon, secure aggregation."""
+    parts = [f"federated ({STRATEGY_NAMES.get(config.strategy.name, config.strategy.name)}"]
+    if config.round.mode == "async":
+        parts.append("async, FedBuff")
+    p = config.privacy
+    if p.mode != "off":
+        eps = last_metrics.get("epsilon")
+        parts.append(f"{p.mode} DP z={p.noise_multiplier:g}" + (f", ε={eps:.2f}" if eps is not None else ""))
+    if config.secagg.enabled:
+        parts.append(config.secagg.mode)
+    return ", ".join(parts) + ")"
+
+
+# Legend names of the aggregation rules (docs/strategies.md).
+STRATEGY_NAMES = {"fedavg": "FedAvg", "fedavg_unweighted": "FedAvg, unweighted", "fedprox": "FedProx",
+                  "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad",
+                  "median": "median", "trimmed_mean": "trimmed mean", "krum": "Krum", "multi_krum": "Multi-Krum"}
+
+
+def plot_accuracy(path: Path, result: DemoResult, label: str = "federated (FedAvg)") -> None:
     """Accuracy per round, with the centralized baseline as a horizontal line."""
     import matplotlib
 
@@ -280,7 +296,7 @@ def plot_accuracy(path: Path, result: DemoResult) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     xs = [s.round for s in result.rounds]
-    ax.plot(xs, [s.metrics["test_accuracy"] for s in result.rounds], marker="o", label="federated (FedAvg)")
+    ax.plot(xs, [s.metrics["test_accuracy"] for s in result.rounds], marker="o", label=label)
     ax.axhline(result.baseline_accuracy, color="gray", linestyle="--", label="centralized baseline")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")

@@ -194,8 +194,11 @@ class PrivacyEngine:
         eps = self.accountant.epsilon()
         log.info("privacy: epsilon %.4f at delta %g after %d rounds (q %.4f, z %.3f, clip %.4f)",
                  eps, self.cfg.delta, self.accountant.rounds, q, self.noise_multiplier, self.clip)
-        return {"epsilon": eps, "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier,
-                "sampling_rate": q}
+        out = {"epsilon": eps, "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier,
+               "sampling_rate": q}
+        if self.budget:
+            out["epsilon_budget"] = self.budget  # a setting, not data: public, so a dashboard can draw it
+        return out
 
     def state(self) -> dict[str, Any]:
         return {"events": self.accountant.events(), "clip": self.clip, "noise_multiplier": self.noise_multiplier,

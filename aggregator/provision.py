@@ -8,23 +8,38 @@
                           signs every certificate; keep DIR offline.
 ``broker.key/.crt``       the broker's TLS certificate (SAN: ``--broker-host``)
 ``passwd``                mosquitto password file (PBKDF2-SHA512, ``$7$`` format)
-``acl``                   mosquitto ACL: the aggregator may use ``fl/<fed>/#``, an
-                          agent only its own update/status topics and the
-                          federation's model, model/onnx, task, metrics and keys
+``acl``                   mosquitto ACL, one ``user`` block per login: the aggregator
+                          may use ``fl/<fed>/#``; an agent only its own update/status
+                          topics, its inbox and the federation's model, model/onnx,
+                          task, metrics, metrics/json and keys; an observer only reads
 ``aggregator.*``          the aggregator's client certificate, key and MQTT password,
                           and ``aggregator.toml`` (the config keys that use them)
 ``signing.key/.pub``      the aggregator's Ed25519 model-signing key (PKCS#8 PEM) and
                           its raw public key as 64 hex digits (what agents pin)
 ``agent-<id>.*``          per agent: client certificate (CN = agent id), key, MQTT
                           password (user name = agent id) and ``agent-<id>.toml``
+                          (an id that starts with ``agent-`` is not prefixed again:
+                          agent ``agent-000`` gets ``agent-000.*``)
+``observer[-<name>].*``   per observer (``init`` makes one called ``observer``): a
+                          read-only login for ``fedmqtt status`` and dashboards, with
+                          certificate, key, password and ``observer.toml`` (its
+                          ``[broker]`` keys and the ``fedmqtt status`` flags)
 ``provision.json``        what ``add-agent`` needs to issue more agents alike
 ========================  ==========================================================
 
 ``fedmqtt provision add-agent --dir DIR --agent NAME`` adds one more device:
-it re-uses the CA, appends to ``passwd`` and writes only that agent's files
-(the ACL uses patterns, so it never changes). Private keys and passwords
-are written with mode 0600. ``init`` refuses a directory that already has a
-CA unless ``--force``.
+it re-uses the CA, appends to ``passwd``, adds the agent's block to ``acl``
+and writes only that agent's files; ``add-observer --dir DIR --observer NAME``
+does the same for an observer. Private keys and passwords are written with
+mode 0600. ``init`` refuses a directory that already has a CA unless
+``--force``.
+
+Why a block per user and no ``pattern`` lines: a mosquitto ``pattern`` line
+applies to every user, the observers too (``pattern write fl/<fed>/update/%u``
+would let the observer publish an update in its own name), and mosquitto
+2.0 warns at every start about a pattern without ``%u``/``%c``; a ``topic``
+line before the first ``user`` line applies to anonymous clients only. So
+the topics every agent reads are repeated in each agent's block.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import hashlib
 import ipaddress
 import json
 import secrets
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +60,8 @@ from edge_agent.files import atomic_write
 from edge_agent.wire import valid_id
 
 AGGREGATOR_USER = "aggregator"
+# The read-only login `init` creates unless told otherwise (--observer, --no-observer).
+OBSERVER_USER = "observer"
 DEFAULT_BROKER_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_PORT = 8883
 # The CA outlives every certificate it issues (issued ones are cut at its end).
@@ -104,10 +122,29 @@ class Files:
     def manifest(self) -> Path:
         return self.dir / MANIFEST
 
-    def client(self, name: str, suffix: str) -> Path:
-        """``aggregator.<suffix>`` or ``agent-<id>.<suffix>`` (crt, key, password, toml)."""
-        stem = name if name == AGGREGATOR_USER else f"agent-{name}"
-        return self.dir / f"{stem}.{suffix}"
+    def client(self, name: str, suffix: str, kind: str | None = None) -> Path:
+        """A client's file (crt, key, password, toml): ``aggregator.<suffix>``, ``agent-<id>.<suffix>``
+        or ``observer-<name>.<suffix>``.
+
+        ``kind`` is ``agent`` (the default for any name but ``aggregator``) or
+        ``observer``. A name that already starts with ``<kind>-`` (or is
+        ``<kind>``) is not prefixed again: agent ``agent-000`` has
+        ``agent-000.crt``, observer ``observer`` has ``observer.crt``.
+        """
+        return self.dir / f"{stem(kind or _kind(name), name)}.{suffix}"
+
+    def observer(self, name: str, suffix: str) -> Path:
+        """An observer's file (crt, key, password, toml)."""
+        return self.client(name, suffix, "observer")
+
+
+def _kind(name: str) -> str:
+    return AGGREGATOR_USER if name == AGGREGATOR_USER else "agent"
+
+
+def stem(kind: str, name: str) -> str:
+    """The file-name stem of a client: ``<kind>-<name>``, or ``name`` when it already says its kind."""
+    return name if name == kind or name.startswith(kind + "-") else f"{kind}-{name}"
 
 
 def broker_files(directory: str | Path) -> dict[str, Path]:
@@ -243,30 +280,50 @@ def password_hash(password: str, salt: bytes | None = None, iterations: int = PB
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def acl_text(federation: str) -> str:
-    """The mosquitto ACL of one federation (pattern lines apply to every user, ``%u`` = its name)."""
+# What every agent may read, and what an observer may read (nothing else, and no writes).
+AGENT_READS = ("model", "model/onnx", "task", "metrics", "metrics/json", "keys")
+OBSERVER_READS = ("model", "model/onnx", "task", "metrics", "metrics/json", "keys", "agent/+/status")
+
+
+def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
+             observers: list[str] | tuple[str, ...] = ()) -> str:
+    """The mosquitto ACL of one federation: one ``user`` block per login, no ``pattern`` lines.
+
+    mosquitto applies a ``topic`` line to the user named by the ``user`` line
+    above it, a ``topic`` line before any ``user`` line to anonymous clients
+    only, and a ``pattern`` line to every user (observers too), warning at
+    each start about a pattern without ``%u``/``%c``. So the topics every
+    agent reads are repeated in each agent's block, and adding a login
+    rewrites this file.
+    """
     p = f"fl/{federation}"
-    return (
-        f"# fedmqtt ACL for federation {federation!r}, written by `fedmqtt provision`.\n"
-        "# Anything not allowed here is denied: an agent can publish only its own\n"
-        "# update and status, and never model, model/onnx, task or metrics.\n"
-        "# The patterns need no change when an agent is added (%u = the MQTT user name,\n"
-        "# which the password file makes equal to the agent id).\n"
-        "\n"
-        "# Every agent\n"
-        f"pattern write {p}/update/%u\n"
-        f"pattern write {p}/agent/%u/status\n"
-        f"pattern read {p}/agent/%u/inbox\n"
-        f"pattern read {p}/model\n"
-        f"pattern read {p}/model/onnx\n"
-        f"pattern read {p}/task\n"
-        f"pattern read {p}/metrics\n"
-        f"pattern read {p}/keys\n"
-        "\n"
-        "# The aggregator\n"
-        f"user {AGGREGATOR_USER}\n"
-        f"topic readwrite {p}/#\n"
-    )
+    out = [
+        f"# fedmqtt ACL for federation {federation!r}, written by `fedmqtt provision`",
+        "# (add-agent and add-observer rewrite it: install it again and reload the broker).",
+        "# Anything not allowed here is denied. Every topic line applies to the user",
+        "# line above it: an agent may publish only its own update and status and read",
+        "# its own inbox and the federation's model, model/onnx, task, metrics(/json), keys;",
+        "# an observer may only read; the aggregator may use everything under",
+        f"# {p}/. There are no pattern lines: they would apply to the observers too.",
+        "",
+        "# The aggregator",
+        f"user {AGGREGATOR_USER}",
+        f"topic readwrite {p}/#",
+    ]
+    for o in observers:
+        out += ["", f"# Observer {o}: read only (fedmqtt status, dashboards)", f"user {o}"]
+        out += [f"topic read {p}/{t}" for t in OBSERVER_READS]
+    for a in agents:
+        out += ["", f"# Agent {a}", f"user {a}",
+                f"topic write {p}/update/{a}",
+                f"topic write {p}/agent/{a}/status",
+                f"topic read {p}/agent/{a}/inbox"]
+        out += [f"topic read {p}/{t}" for t in AGENT_READS]
+    return "\n".join(out) + "\n"
+
+
+def _write_acl(f: Files, m: dict) -> None:
+    _write(f.acl, acl_text(m["federation"], m["agents"], m.get("observers", [])), 0o644)
 
 
 # -- files --------------------------------------------------------------------
@@ -295,17 +352,19 @@ def _broker_section(m: dict, user: str, files: dict[str, str]) -> str:
     )
 
 
-def _installed(m: dict, key: str, f: Files, name: str) -> dict[str, str]:
-    """Paths of a client's files where they will live (``--agent-dir`` / ``--aggregator-dir``)."""
-    base = Path(m[key])
-    return {"ca": str(base / f.ca_cert.name), **{s: str(base / f.client(name, s).name) for s in ("crt", "key", "password")}}
+def _installed(m: dict, key: str, f: Files, name: str, kind: str | None = None) -> dict[str, str]:
+    """Paths of a client's files where they will live (``--agent-dir`` / ``--aggregator-dir`` / ``--observer-dir``)."""
+    base = Path(m.get(key) or f.dir)
+    return {"ca": str(base / f.ca_cert.name),
+            **{s: str(base / f.client(name, s, kind).name) for s in ("crt", "key", "password")}}
 
 
 def _agent_toml(m: dict, f: Files, agent: str) -> str:
     files = _installed(m, "agent_dir", f, agent)
+    crt, key, pw = (f.client(agent, s).name for s in ("crt", "key", "password"))
     return (
         f"# fedmqtt agent {agent!r} of federation {m['federation']!r}, written by `fedmqtt provision`.\n"
-        f"# Copy ca.crt, agent-{agent}.crt, agent-{agent}.key and agent-{agent}.password to\n"
+        f"# Copy ca.crt, {crt}, {key} and {pw} to\n"
         f"# {m['agent_dir']} on the device (key and password: mode 0600, owned by the user that\n"
         "# runs `fedmqtt agent`), then merge these keys into its agent.toml.\n"
         "\n"
@@ -336,6 +395,42 @@ def _aggregator_toml(m: dict, f: Files) -> str:
     )
 
 
+def status_flags(m: dict, f: Files, observer: str) -> list[str]:
+    """``fedmqtt status`` with an observer's login: the argv after ``fedmqtt``."""
+    files = _installed(m, "observer_dir", f, observer, "observer")
+    return ["status", "--fed", m["federation"], "--broker-host", m["broker_hosts"][0], "--broker-port", str(m["port"]),
+            "--broker-tls", "true", "--broker-ca-file", files["ca"], "--broker-cert-file", files["crt"],
+            "--broker-key-file", files["key"], "--broker-username", observer, "--broker-password-file", files["password"]]
+
+
+def _observer_toml(m: dict, f: Files, observer: str) -> str:
+    files = _installed(m, "observer_dir", f, observer, "observer")
+    crt, key, pw = (f.observer(observer, s).name for s in ("crt", "key", "password"))
+    argv = [shlex.quote(a) for a in ["fedmqtt", *status_flags(m, f, observer)]]
+    # two flags per line after the federation
+    lines = [" ".join(argv[:4])] + [" ".join(argv[i:i + 4]) for i in range(4, len(argv), 4)]
+    command = " \\\n#       ".join(lines)
+    return (
+        f"# fedmqtt observer {observer!r} of federation {m['federation']!r}, written by `fedmqtt provision`.\n"
+        "# A read-only login: the broker's ACL lets it read the retained model, model/onnx, task,\n"
+        "# metrics, metrics/json, keys and every agent's status, and publish nothing. Use it to watch the\n"
+        "# federation (`fedmqtt status`, a dashboard) instead of the aggregator's or a device's\n"
+        "# login: the broker replaces each client id by the user name, so a second login as the\n"
+        "# aggregator takes over the running aggregator's connection. Two programs watching at\n"
+        "# once take over each other too: give each its own (`fedmqtt provision add-observer`).\n"
+        f"# Copy ca.crt, {crt}, {key} and {pw} to {m.get('observer_dir') or f.dir}\n"
+        "# (key and password: mode 0600, owned by the user that watches), then:\n"
+        "#\n"
+        f"#   {command}\n"
+        "#\n"
+        "# or load the [broker] keys below into a program's config.\n"
+        "\n"
+        f"federation = {_toml_str(m['federation'])}\n"
+        "\n"
+        + _broker_section(m, observer, files)
+    )
+
+
 def _passwd_lines(path: Path) -> list[str]:
     try:
         return [ln for ln in path.read_text().splitlines() if ln.strip()]
@@ -350,27 +445,50 @@ def _set_password(path: Path, user: str, password: str) -> None:
     _write(path, "\n".join(lines) + "\n", 0o600)
 
 
-def _issue_client(f: Files, m: dict, ca_key, ca_cert, name: str) -> None:
-    """Certificate, key, password (and the password-file line) of the aggregator or one agent."""
+def _issue_client(f: Files, m: dict, ca_key, ca_cert, name: str, kind: str | None = None) -> None:
+    """Certificate, key, password (and the password-file line) of the aggregator, an agent or an observer."""
+    kind = kind or _kind(name)
     key, cert = issue(ca_key, ca_cert, name, m["federation"], days=m["days"])
     password = secrets.token_urlsafe(PASSWORD_BYTES)
-    _write(f.client(name, "key"), _key_pem(key), 0o600)
-    _write(f.client(name, "crt"), _cert_pem(cert), 0o644)
-    _write(f.client(name, "password"), password + "\n", 0o600)
+    _write(f.client(name, "key", kind), _key_pem(key), 0o600)
+    _write(f.client(name, "crt", kind), _cert_pem(cert), 0o644)
+    _write(f.client(name, "password", kind), password + "\n", 0o600)
     _set_password(f.passwd, name, password)
-    toml = _aggregator_toml(m, f) if name == AGGREGATOR_USER else _agent_toml(m, f, name)
-    _write(f.client(name, "toml"), toml, 0o644)
+    toml = {AGGREGATOR_USER: lambda: _aggregator_toml(m, f), "agent": lambda: _agent_toml(m, f, name),
+            "observer": lambda: _observer_toml(m, f, name)}[kind]()
+    _write(f.client(name, "toml", kind), toml, 0o644)
+
+
+def _check_names(kind: str, names: list[str], existing: dict[str, list[str]] | None = None) -> None:
+    """New ``kind`` logins (agent ids or observer names) next to the ``existing`` ones by kind.
+
+    One MQTT user per name across every kind, and one file stem per name
+    within a kind (agents ``000`` and ``agent-000`` would share
+    ``agent-000.crt``). A name already of this kind is allowed (re-issued
+    with ``--force``, which the caller checks).
+    """
+    what = "agent id" if kind == "agent" else "observer name"
+    existing = existing or {}
+    for a in names:
+        if not valid_id(a):
+            raise ProvisionError(f"{what} {a!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if a == AGGREGATOR_USER:
+            raise ProvisionError(f"{AGGREGATOR_USER!r} is the aggregator's user name, not an {what}")
+        for other, users in existing.items():
+            if other != kind and a in users:
+                raise ProvisionError(f"{a!r} is already the user name of an {other}; pick another {what}")
+    dup = sorted({a for a in names if names.count(a) > 1})
+    if dup:
+        raise ProvisionError(f"{what}s given twice: {', '.join(dup)}")
+    stems: dict[str, str] = {stem(kind, a): a for a in existing.get(kind, [])}
+    for a in names:
+        s = stem(kind, a)
+        if stems.setdefault(s, a) != a:
+            raise ProvisionError(f"{what}s {stems[s]!r} and {a!r} would share the files {s}.*; pick another {what}")
 
 
 def _check_agents(agents: list[str]) -> None:
-    for a in agents:
-        if not valid_id(a):
-            raise ProvisionError(f"agent id {a!r} must match [A-Za-z0-9_-]{{1,64}}")
-        if a == AGGREGATOR_USER:
-            raise ProvisionError(f"{AGGREGATOR_USER!r} is the aggregator's user name, not an agent id")
-    dup = sorted({a for a in agents if agents.count(a) > 1})
-    if dup:
-        raise ProvisionError(f"agent ids given twice: {', '.join(dup)}")
+    _check_names("agent", agents)
 
 
 def _load_ca(f: Files):
@@ -388,11 +506,17 @@ def _load_ca(f: Files):
 
 def init(directory: str | Path, federation: str, agents: list[str], broker_hosts: list[str] | None = None,
          port: int = DEFAULT_PORT, days: int = CERT_DAYS, ca_days: int = CA_DAYS, agent_dir: str | None = None,
-         aggregator_dir: str | None = None, force: bool = False) -> Files:
-    """Provision a new federation into ``directory`` (see the module docstring)."""
+         aggregator_dir: str | None = None, force: bool = False, observers: list[str] | None = None,
+         observer_dir: str | None = None) -> Files:
+    """Provision a new federation into ``directory`` (see the module docstring).
+
+    ``observers``: the read-only logins to create (default: one, ``observer``; ``[]``: none).
+    """
     if not valid_id(federation):
         raise ProvisionError(f"federation id {federation!r} must match [A-Za-z0-9_-]{{1,64}}")
+    observers = [OBSERVER_USER] if observers is None else list(observers)
     _check_agents(agents)
+    _check_names("observer", observers, {"agent": agents})
     hosts = list(broker_hosts or DEFAULT_BROKER_HOSTS)
     for h in hosts:
         if not h or (not _is_ip(h) and any(c.isspace() or c in "/:@[]" for c in h)):
@@ -417,7 +541,9 @@ def init(directory: str | Path, federation: str, agents: list[str], broker_hosts
         "days": days,
         "agent_dir": agent_dir or str(d),
         "aggregator_dir": aggregator_dir or str(d),
+        "observer_dir": observer_dir or str(d),
         "agents": [],
+        "observers": [],
     }
     ca_key, ca_cert = make_ca(federation, ca_days)
     _write(f.ca_key, _key_pem(ca_key), 0o600)
@@ -430,11 +556,14 @@ def init(directory: str | Path, federation: str, agents: list[str], broker_hosts
     _write(f.signing_pub, signing_pub + "\n", 0o644)
     m["signing_pub"] = signing_pub
     _write(f.passwd, "", 0o600)
-    _write(f.acl, acl_text(federation), 0o644)
     _issue_client(f, m, ca_key, ca_cert, AGGREGATOR_USER)
     for a in agents:
         _issue_client(f, m, ca_key, ca_cert, a)
+    for o in observers:
+        _issue_client(f, m, ca_key, ca_cert, o, "observer")
     m["agents"] = list(agents)
+    m["observers"] = observers
+    _write_acl(f, m)
     _write(f.manifest, json.dumps(m, indent=2) + "\n", 0o644)
     return f
 
@@ -450,30 +579,45 @@ def _is_ip(text: str) -> bool:
 def _remove_previous(f: Files) -> None:
     """--force: drop the previous federation's agent files, whose CA is about to be replaced."""
     try:
-        old = json.loads(f.manifest.read_text()).get("agents", [])
+        m = json.loads(f.manifest.read_text())
     except (OSError, ValueError):
-        old = []
-    for a in old:
-        if isinstance(a, str) and valid_id(a) and a != AGGREGATOR_USER:
-            for s in ("crt", "key", "password", "toml"):
-                f.client(a, s).unlink(missing_ok=True)
+        m = {}
+    for kind in ("agent", "observer"):
+        for a in m.get(kind + "s", []):
+            if isinstance(a, str) and valid_id(a) and a != AGGREGATOR_USER:
+                for s in ("crt", "key", "password", "toml"):
+                    f.client(a, s, kind).unlink(missing_ok=True)
+                    if kind == "agent":  # the doubled names earlier versions wrote (agent-agent-000.crt)
+                        (f.dir / f"agent-{a}.{s}").unlink(missing_ok=True)
 
 
 def add_agents(directory: str | Path, agents: list[str], force: bool = False) -> Files:
-    """Add agents to a provisioned federation: only their files and password-file lines are written."""
-    _check_agents(agents)
+    """Add agents to a provisioned federation: only their files, password-file lines and ACL blocks are written."""
+    return _add("agent", directory, agents, force)
+
+
+def add_observers(directory: str | Path, observers: list[str], force: bool = False) -> Files:
+    """Add read-only observer logins to a provisioned federation (like :func:`add_agents`)."""
+    return _add("observer", directory, observers, force)
+
+
+def _add(kind: str, directory: str | Path, names: list[str], force: bool) -> Files:
+    _check_names(kind, names)
     f = Files(Path(directory).absolute())
     ca_key, ca_cert, m = _load_ca(f)
+    m.setdefault("observers", [])  # a directory provisioned before observers existed
+    _check_names(kind, names, {"agent": m["agents"], "observer": m["observers"]})
     users = {ln.split(":", 1)[0] for ln in _passwd_lines(f.passwd)}
-    exists = [a for a in agents if a in users or f.client(a, "crt").exists()]
+    exists = [a for a in names if a in users or f.client(a, "crt", kind).exists()]
     if exists and not force:
         raise ProvisionError(
             f"already provisioned: {', '.join(exists)} (--force issues a new password and certificate;"
             " the old ones stop working once the broker reloads the password file)")
-    for a in agents:
-        _issue_client(f, m, ca_key, ca_cert, a)
-        if a not in m["agents"]:
-            m["agents"].append(a)
+    for a in names:
+        _issue_client(f, m, ca_key, ca_cert, a, kind)
+        if a not in m[kind + "s"]:
+            m[kind + "s"].append(a)
+        _write_acl(f, m)
         _write(f.manifest, json.dumps(m, indent=2) + "\n", 0o644)
     return f
 
@@ -484,9 +628,11 @@ EXAMPLE = """examples:
   fedmqtt provision init --dir fedmqtt-pki --fed plant-7 --agents 3 --broker-host mqtt.example.com
   fedmqtt provision init --dir fedmqtt-pki --fed plant-7 --agent pi-kitchen --agent pi-garage
   fedmqtt provision add-agent --dir fedmqtt-pki --agent pi-attic
+  fedmqtt provision add-observer --dir fedmqtt-pki --observer dashboard
 
 Then install the broker's files (deploy/mosquitto/README.md) and hand each device
-ca.crt and its agent-<id>.* files.
+ca.crt and its agent-<id>.* files. `init` also makes a read-only login, observer.*,
+for `fedmqtt status` (observer.toml holds the command line).
 """
 
 
@@ -496,7 +642,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Create the CA, certificates, MQTT passwords, ACL and signing key of a secured federation.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="action", required=True, metavar="{init,add-agent}")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{init,add-agent,add-observer}")
     i = sub.add_parser("init", help="provision a new federation (CA, broker, aggregator, agents)",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("--dir", required=True, help="output directory (created, mode 0700)")
@@ -514,11 +660,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the agents' files will live on the devices: the paths in agent-<id>.toml (default: --dir)")
     i.add_argument("--aggregator-dir", metavar="PATH",
                    help="where the aggregator's files will live: the paths in aggregator.toml (default: --dir)")
+    i.add_argument("--observer", action="append", default=[], metavar="NAME",
+                   help=f"read-only login (fedmqtt status, dashboards) with this user name (repeatable; "
+                        f"default: one called {OBSERVER_USER!r})")
+    i.add_argument("--no-observer", action="store_true", help="make no observer login")
+    i.add_argument("--observer-dir", metavar="PATH",
+                   help="where the observers' files will live: the paths in observer*.toml (default: --dir)")
     i.add_argument("--force", action="store_true", help="replace an existing CA and everything issued from it")
     a = sub.add_parser("add-agent", help="add agents to a provisioned federation (re-uses its CA)")
     a.add_argument("--dir", required=True, help="the directory `provision init` wrote")
     a.add_argument("--agent", action="append", required=True, metavar="NAME", help="agent id (repeatable)")
     a.add_argument("--force", action="store_true", help="re-issue an agent that exists (new password and certificate)")
+    o = sub.add_parser("add-observer", help="add read-only logins (fedmqtt status, dashboards) to a provisioned federation")
+    o.add_argument("--dir", required=True, help="the directory `provision init` wrote")
+    o.add_argument("--observer", action="append", required=True, metavar="NAME", help="observer user name (repeatable)")
+    o.add_argument("--force", action="store_true", help="re-issue an observer that exists (new password and certificate)")
     return p
 
 
@@ -532,15 +688,21 @@ def provision_main(argv: list[str]) -> int:
             from .sim import agent_ids
 
             agents = agent_ids(args.agents) + args.agent
+            if args.no_observer and args.observer:
+                raise ProvisionError("--no-observer and --observer contradict each other")
+            observers = [] if args.no_observer else (args.observer or None)
             f = init(args.dir, args.federation, agents, args.broker_host or None, args.port, args.days,
-                     args.ca_days, args.agent_dir, args.aggregator_dir, args.force)
+                     args.ca_days, args.agent_dir, args.aggregator_dir, args.force, observers, args.observer_dir)
             m = json.loads(f.manifest.read_text())
             print(f"provisioned federation {m['federation']!r} in {f.dir}: CA, broker "
-                  f"({', '.join(m['broker_hosts'])}), aggregator, {len(agents)} agent(s)")
+                  f"({', '.join(m['broker_hosts'])}), aggregator, {len(agents)} agent(s), "
+                  f"{len(m['observers'])} observer(s)" + (f" ({', '.join(m['observers'])})" if m["observers"] else ""))
         else:
-            f = add_agents(args.dir, args.agent, args.force)
-            print(f"added {', '.join(args.agent)} to {f.dir}; reload the broker's password file "
-                  "(install passwd, then `systemctl reload mosquitto`)")
+            names = args.agent if args.action == "add-agent" else args.observer
+            add = add_agents if args.action == "add-agent" else add_observers
+            f = add(args.dir, names, args.force)
+            print(f"added {', '.join(names)} to {f.dir}; reload the broker's password file and ACL "
+                  "(install passwd and acl, then `systemctl reload mosquitto`)")
         print(f"model-signing public key (agents pin it): {f.signing_pub.read_text().strip()}")
         return 0
     except (ProvisionError, OSError) as exc:

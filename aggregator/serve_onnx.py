@@ -4,13 +4,18 @@ For devices that only predict. Subscribes to the retained ``model/onnx``,
 loads every new version into a fresh onnxruntime session and swaps it in
 without stopping, and answers one CSV line of output per CSV line of input
 (stdin or a file), naming the model round that answered. Only onnxruntime,
-numpy and paho-mqtt are needed.
+numpy and paho-mqtt are needed. :class:`OnnxFollower` is the one model holder:
+the CSV mode here and the HTTP mode (``--http``, :mod:`aggregator.serve_http`)
+both read their model from it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator, TextIO
@@ -35,6 +40,10 @@ class LoadedModel:
     version: str
     classifier: bool
     n_features: int
+    sha256: str = ""  # of the ONNX bytes this session was built from
+    loaded_at: float = 0.0  # time.time() when the session was created
+    outputs: tuple[str, ...] = ()
+    class_labels: tuple[str, ...] = ()  # class names from the metadata (classifiers)
 
 
 def load_model(data: bytes) -> LoadedModel:
@@ -56,9 +65,20 @@ def load_model(data: bytes) -> LoadedModel:
         raise ValueError(f"unexpected outputs {outputs}")
     try:
         return LoadedModel(sess, int(meta.get("round", "-1")), meta.get("model_version", ""),
-                           outputs[0] == "probabilities", int(inputs[0].shape[1]))
+                           outputs[0] == "probabilities", int(inputs[0].shape[1]),
+                           sha256=hashlib.sha256(data).hexdigest(), loaded_at=time.time(), outputs=tuple(outputs),
+                           class_labels=_class_labels(meta))
     except (TypeError, ValueError):
         raise ValueError("the model's metadata or input width is not what fedmqtt writes") from None
+
+
+def _class_labels(meta: dict[str, str]) -> tuple[str, ...]:
+    """The class names of the metadata; informative only, so a bad entry gives none rather than a refusal."""
+    try:
+        labels = json.loads(meta.get("class_labels", "[]"))
+    except ValueError:
+        return ()
+    return tuple(str(x) for x in labels) if isinstance(labels, list) else ()
 
 
 class OnnxFollower:

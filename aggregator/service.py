@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 from edge_agent import wire
+from edge_agent.config import ConfigError
 from edge_agent.data import load as load_data
 from edge_agent.mqtt import Connection, Loop, Publish
 from edge_agent.signing import Signer
 
 from . import checkpoint
+from .broker_probe import BrokerProbe
 from .config import AggregatorConfig
 from .journal import JournalFile
+from .metrics_log import CSV_NAME, MetricsCsv, metrics_json
 from .onnx_publish import OnnxPublisher
 from .coordinator import (
     Action,
@@ -61,6 +64,9 @@ class AggregatorService:
         self.clock = clock
         self.on_round = on_round
         self.on_finished = on_finished
+        # Called (instead of stopping the loop) when the broker refused us for good.
+        self.fatal_callback: Callable[[str], None] | None = None
+        self.fatal: str | None = None
         # Called once, after the first connection's start actions ran (systemd READY=1).
         self.on_ready = on_ready
         if evaluate is None and config.test_data:
@@ -82,6 +88,21 @@ class AggregatorService:
 
             self.coordinator.secagg_verifier = PeerVerifier(b.ca_file, config.federation)
         self.onnx = OnnxPublisher(config) if config.onnx.every and self._exportable(config) else None
+        self.onnx_failures = 0
+        # Readable metrics: every closed round appended to state_dir/metrics.csv,
+        # and a JSON copy of every metrics message (fl/<fed>/metrics/json).
+        self.metrics_csv = MetricsCsv(Path(config.state_dir) / CSV_NAME, current_round=self.coordinator.round)
+        # The Prometheus endpoint ([metrics] listen): served from start() until the loop stops.
+        self.exporter = None
+        if config.metrics.listen:
+            try:
+                from .prometheus import PrometheusExporter
+            except ModuleNotFoundError as exc:
+                if exc.name != "prometheus_client":
+                    raise
+                raise ConfigError("metrics.listen: serving metrics needs prometheus-client "
+                                  "(pip install 'fedmqtt[aggregator]')") from None
+            self.exporter = PrometheusExporter(config.federation, config.metrics.listen, self.coordinator.spec.kind)
         # Everything agents act on is signed when a key is configured.
         self.signer = Signer(config.security.signing_key) if config.security.signing_key else None
         self._signed_topics = {self.coordinator.topics.model, self.coordinator.topics.model_onnx,
@@ -100,6 +121,8 @@ class AggregatorService:
             manual_ack=True,
         )
         self._started = False
+        # The check that the broker refuses anonymous updates ([security] probe_open_broker).
+        self.broker_probe: BrokerProbe | None = None
 
     @staticmethod
     def _exportable(config: AggregatorConfig) -> bool:
@@ -111,13 +134,37 @@ class AggregatorService:
 
     def start(self) -> None:
         """Connect (from the loop thread or before the loop runs)."""
+        if self.exporter is not None:
+            self.exporter.start()  # first: a port in use stops us before we connect
+            self.loop.at_shutdown(self.close)
+            self.exporter.sync(self)
+        # Rounds the checkpoint has and metrics.csv lacks (a crash between the two, an older state_dir).
+        self.metrics_csv.append(self.coordinator.history)
         self.conn.open()
         self.loop.call_every(TICK_INTERVAL_S, lambda: self._execute(self.coordinator.tick(self.clock())))
+
+    def close(self) -> None:
+        """Stop serving metrics (run when the loop stops; idempotent)."""
+        if self.exporter is not None:
+            self.exporter.stop()
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) the Prometheus endpoint listens on, once started (None when off)."""
+        return self.exporter.address if self.exporter is not None else None
 
     # Handler protocol
     def subscriptions(self) -> list[str]:
         t = self.coordinator.topics
         return [t.statuses, t.updates]
+
+    def on_fatal(self, conn: Connection, problem: str) -> None:
+        """The broker refused us for good (login, a second aggregator on our client id): stop."""
+        self.fatal = problem
+        if self.fatal_callback is not None:
+            self.fatal_callback(problem)
+        else:
+            self.loop.stop()
 
     def on_connected(self, conn: Connection) -> None:
         c = self.coordinator
@@ -125,14 +172,18 @@ class AggregatorService:
             self._started = True
             actions = c.start(self.clock())
             # The retained ONNX model always matches the retained model.
-            if self.onnx is not None:
-                actions.insert(1, self.onnx.export(c.round, c.version, c.params))
+            onnx = self._onnx_export(c.round, c.version, c.params)
+            if onnx is not None:
+                actions.insert(1, onnx)
             if self.signer is not None:
                 # Key rollover: our key and the next ones, signed by us, retained.
                 keys = [self.signer.public_key, *self.config.security.announce_keys]
                 msg = wire.KeysMsg(fed=self.config.federation, round=c.round, keys=keys)
                 actions.insert(0, Publish(c.topics.keys, wire.encode(msg), qos=1, retain=True))
             self._execute(actions)
+            if self.config.security.probe_open_broker:
+                # Off the loop: start-up is not delayed, a WARNING follows if the broker is open.
+                self.broker_probe = BrokerProbe(self.config.broker, self.config.federation).start()
             if self.on_ready is not None:
                 self.on_ready()
         else:
@@ -142,34 +193,87 @@ class AggregatorService:
 
     def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
         self._execute(self.coordinator.receive(topic, payload, self.clock()))
+        if self.exporter is not None:
+            kind, agent = self.coordinator.topics.parse(topic)
+            if kind == "status" and agent is not None:
+                self.exporter.agent_changed(agent, self.coordinator.agents.get(agent))
+
+    def _onnx_export(self, round_number: int, version: str, params) -> Publish | None:
+        """The ONNX publish of this model, or None when the export fails.
+
+        A user's ``to_onnx`` may raise or return a graph that breaks the
+        contract: that costs the ONNX copy of this round, never the round
+        itself (the model and the next task are still published).
+        """
+        if self.onnx is None:
+            return None
+        try:
+            return self.onnx.export(round_number, version, params)
+        except Exception as exc:  # the user's graph code, or onnx.checker on its output
+            self.onnx_failures += 1
+            log.error("round %d: ONNX export failed, model published without it: %s: %s",
+                      round_number, type(exc).__name__, exc)
+            return None
 
     def _signed(self, p: Publish) -> Publish:
         if self.signer is None or p.topic not in self._signed_topics:
             return p
         return replace(p, user_properties=p.user_properties + self.signer.properties(p.topic, p.payload))
 
+    def _metrics_mirror(self, p: Publish) -> Publish | None:
+        """The retained JSON copy of a metrics publish (unsigned, like metrics: agents act on neither)."""
+        try:
+            body = metrics_json(p.payload)
+        except (wire.WireError, ValueError) as exc:  # our own payload: not expected
+            log.error("no JSON copy of the metrics message: %s", exc)
+            return None
+        return Publish(self.coordinator.topics.metrics_json, body, qos=1, retain=True, content_type="application/json")
+
     def _execute(self, actions: list[Action]) -> None:
+        ex = self.exporter
         for a in actions:
             if isinstance(a, Journal):
+                t0 = time.perf_counter()
                 self.journal.append(a.record)
+                if ex is not None:
+                    ex.observe_journal(time.perf_counter() - t0)
             elif isinstance(a, SaveCheckpoint):
+                t0 = time.perf_counter()
                 checkpoint.save(self.config.state_dir, a.state)
+                if ex is not None:
+                    ex.observe_checkpoint(time.perf_counter() - t0)
                 self.journal.reset()
             elif isinstance(a, Publish):
                 self.conn.publish(self._signed(a))
+                if a.topic == self.coordinator.topics.metrics:
+                    mirror = self._metrics_mirror(a)
+                    if mirror is not None:
+                        self.conn.publish(mirror)
             elif isinstance(a, RoundClosed):
                 s = a.summary
                 if self.onnx is not None and self.onnx.due(s.round):
-                    self.conn.publish(self._signed(self.onnx.export(s.round, s.version, self.coordinator.params)))
+                    onnx = self._onnx_export(s.round, s.version, self.coordinator.params)
+                    if onnx is not None:
+                        self.conn.publish(self._signed(onnx))
+                self.metrics_csv.append(self.coordinator.history)
+                if ex is not None:
+                    ex.round_closed(s)
+                    ex.sync(self)  # current before anyone is told
                 if self.on_round is not None:
                     self.on_round(a)
             elif isinstance(a, RoundAbandoned):
+                if ex is not None:
+                    ex.round_abandoned()
                 log.warning("round %d attempt %d abandoned (%d/%d updates)", a.round, a.attempt, a.received, a.quorum)
             elif isinstance(a, Finished):
                 log.info("federation %s finished after round %d%s", self.config.federation, a.round,
                          f": {a.reason}" if a.reason else "")
+                if ex is not None:
+                    ex.sync(self)
                 if self.on_finished is not None:
                     self.on_finished(a)
+        if ex is not None:
+            ex.sync(self)  # after every batch: the counters stay exactly the coordinator's
 
 
 def central_evaluator(config: AggregatorConfig) -> Evaluator:

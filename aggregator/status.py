@@ -52,8 +52,8 @@ class _Collector:
     def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
         self.last = time.monotonic()
         kind, agent = self.topics.parse(topic)
-        if not payload or kind in ("", "update", "inbox"):
-            return
+        if not payload or kind in ("", "update", "inbox", "metrics/json"):
+            return  # (metrics/json is a JSON copy of metrics)
         if kind == "model/onnx":
             self.view.onnx_bytes = len(payload)
             return

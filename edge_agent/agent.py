@@ -26,6 +26,7 @@ from .models import subtract
 from .mqtt import Connection, Loop, Publish
 from .signing import SignatureError, Verifier
 from .spec import MODEL_KINDS, ModelSpec
+from .ratelog import RejectionLog
 from .topics import Topics
 from .training import round_seed
 
@@ -166,6 +167,9 @@ class AgentCore:
     # checked again when another model spec arrives; a failing training loop
     # or bad parameters from it stay until the agent restarts.
     problem: tuple[str, str] | None = field(default=None, init=False)
+    _problem_sticky: bool = field(default=False, init=False)
+    _rejection_log: RejectionLog = field(default_factory=lambda: RejectionLog(log, "dropped message"), init=False,
+                                         repr=False)
     _checked: ModelSpec | None = field(default=None, init=False)
     resent: set[tuple[int, int]] = field(default_factory=set, init=False)
     retry_after: float = field(default=0.0, init=False)
@@ -216,7 +220,13 @@ class AgentCore:
             try:
                 self.verifier.verify(topic, payload, props or {})
             except SignatureError as exc:
-                return self._reject(exc.reason, str(exc))
+                self._reject(exc.reason, str(exc))
+                if kind == "model":
+                    # The device will not train on a model it cannot trust: say so in the
+                    # status (a pinned key that does not match the aggregator's, typically),
+                    # so the aggregator stops selecting it. A trusted model clears it.
+                    return self._set_problem("untrusted_key", exc.detail if exc.reason == "untrusted_key" else str(exc))
+                return []
         if kind == "inbox":
             if addressee != self.agent_id:
                 return self._reject("not_for_us", f"{topic} is another device's inbox")
@@ -293,21 +303,19 @@ class AgentCore:
 
     def _reject(self, reason: str, detail: str) -> list[Action]:
         self.rejected[reason] += 1
-        log.warning("%s: dropped message (%s): %s", self.agent_id, reason, detail)
+        self._rejection_log.log(reason, detail, prefix=f"{self.agent_id}: ")
         return []
 
     def _on_model(self, msg: wire.ModelMsg) -> list[Action]:
         if wire.params_version(msg.params) != msg.version:
             return self._reject("bad_version_hash", f"model of round {msg.round} does not hash to {msg.version}")
-        if msg.spec.kind not in self.capabilities:
-            return self._reject("unsupported_model", f"model kind {msg.spec.kind} not in {self.capabilities}")
+        key = model_key(msg)
+        why = self._replayed(key, "model")
+        if why:  # before the model check: a stale model must not change what the status says
+            return self._reject("replayed", why)
         fits, actions = self._check_model(msg.spec)
         if not fits:
             return actions
-        key = model_key(msg)
-        why = self._replayed(key, "model")
-        if why:
-            return self._reject("replayed", why)
         if self.run is None and self.trained and msg.round < max(r for r, _ in self.trained) - 1:
             # No run id accepted yet (state of a version before run ids) and
             # this run never got that far: what we remember trained belongs
@@ -318,20 +326,44 @@ class AgentCore:
         return actions + self._maybe_train()
 
     def _check_model(self, spec: ModelSpec) -> tuple[bool, list[Action]]:
-        """Can this device train ``spec`` on its data? If not: count it and say so in the status."""
-        if spec == self._checked:
-            return True, []
-        try:
-            self._check_data(model_for_spec(spec, self.model))
-        except ModelError as exc:
-            self._reject(exc.reason, exc.detail)
-            return False, self._set_problem(exc.reason, exc.detail)
-        self._checked = spec
-        if self.problem is not None and self.problem[0] in ("incompatible_model", "unsupported_model", "bad_data"):
+        """Can this device train ``spec`` on its data? If not: count it and say so in the status.
+
+        A model that fits clears a problem an earlier model caused (not one
+        its training caused: that stays until the agent restarts).
+        """
+        if spec != self._checked:
+            try:
+                if spec.kind not in self.capabilities:
+                    raise ModelError("unsupported_model", f"model kind {spec.kind} not in {self.capabilities}")
+                self._check_data(model_for_spec(spec, self.model))
+            except ModelError as exc:
+                self._reject(exc.reason, exc.detail)
+                return False, self._set_problem(exc.reason, exc.detail)
+            self._checked = spec
+        if self.problem is not None and not self._problem_sticky:
             log.info("%s: the new model fits this device again", self.agent_id)
             self.problem = None
             return True, [self.status("online")]
         return True, []
+
+    def _set_problem(self, code: str, detail: str, sticky: bool = False) -> list[Action]:
+        """This device cannot train: log it once and publish it in the status (so it is not selected).
+
+        ``sticky``: the model's own training failed, which another model
+        message does not mend.
+        """
+        if self.problem == (code, detail):
+            return []
+        self.problem = (code, detail)
+        self._problem_sticky = sticky
+        log.error("%s: cannot train (%s): %s", self.agent_id, code, detail)
+        return [self.status("online")]
+
+    def too_large(self, topic: str, size: int, limit: int) -> list[Action]:
+        """A publish the broker would refuse: this device cannot take part until the limit or the model changes."""
+        what = "update" if topic == self.topics.update(self.agent_id) else f"message on {topic}"
+        return self._set_problem("payload_too_large", f"an {what} of {size} bytes exceeds the broker's maximum "
+                                 f"packet size of {limit} bytes", sticky=True)
 
     def _check_data(self, model: FedModel) -> None:
         """Raise ModelError unless the local data fits ``model`` (features, label range, finite values)."""
@@ -350,14 +382,6 @@ class AgentCore:
         model.check_data(X, y, "first training batch")
         if len(d.X_holdout):
             model.check_data(d.X_holdout, d.y_holdout, "holdout data")
-
-    def _set_problem(self, code: str, detail: str) -> list[Action]:
-        """This device cannot train: log it once and publish it in the status (so it is not selected)."""
-        if self.problem == (code, detail):
-            return []
-        self.problem = (code, detail)
-        log.error("%s: cannot train (%s): %s", self.agent_id, code, detail)
-        return [self.status("online")]
 
     # -- replay protection ----------------------------------------------------
 
@@ -507,7 +531,7 @@ class AgentCore:
         try:
             metrics, local = self._fit(m, t.config, round_number)
         except ModelError as exc:
-            return self._set_problem(exc.reason, exc.detail)
+            return self._set_problem(exc.reason, exc.detail, sticky=True)
         delta = subtract(local, m.params)
         num_samples = self.data.num_samples
         if t.config.clip_norm > 0:
@@ -575,8 +599,11 @@ class AgentRunner:
         eligibility: EligibilityConfig | None = None,
         train_delay: float = 0.0,
         on_connect: Callable[["AgentRunner"], None] | None = None,
+        on_stop: Callable[["AgentRunner", str], None] | None = None,
     ) -> None:
         self.core = core
+        # Called instead of stopping the loop when the connection failed for good.
+        self.on_stop = on_stop
         # Called after every (re)connection, once the online status is queued (systemd READY=1).
         self.on_connect = on_connect
         # Simulated compute time (fedmqtt sim --train-delay): a slow device,
@@ -614,6 +641,13 @@ class AgentRunner:
     def subscriptions(self) -> list[str]:
         return self.core.subscriptions()
 
+    def on_fatal(self, conn: Connection, problem: str) -> None:
+        """The broker refused us for good (login, duplicate client id): stop, saying why."""
+        if self.on_stop is not None:
+            self.on_stop(self, problem)
+        else:
+            self.loop.stop()
+
     def on_connected(self, conn: Connection) -> None:
         self._execute(self.core.connected())
         if self.on_connect is not None:
@@ -625,7 +659,10 @@ class AgentRunner:
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Publish):
-                self.conn.publish(a)
+                if not self.conn.publish(a) and self.conn.max_packet_size:
+                    size = self.conn.packet_size(a)
+                    if size > self.conn.max_packet_size:
+                        self._execute(self.core.too_large(a.topic, size, self.conn.max_packet_size))
             elif isinstance(a, Train):
                 # Deferred so the loop serves other clients' sockets between trainings.
                 job = lambda a=a: self._execute(self.core.train(a.round, a.attempt))  # noqa: E731

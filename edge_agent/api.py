@@ -9,7 +9,6 @@ imports the aggregator or its extras.
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,6 +17,7 @@ from .agent_config import AgentConfig, AgentModelConfig
 from .agent_store import AgentStore
 from .config import ConfigError, check, from_dict, load
 from .data import local_data
+from .lifecycle import LoopService
 from .model_api import FedModel, ModelError
 from .model_loader import load_model, named
 from .mqtt import Loop
@@ -47,7 +47,7 @@ def agent_model(cfg: AgentModelConfig) -> FedModel | None:
     return load_model(cfg.kind, cfg.options)
 
 
-class Agent:
+class Agent(LoopService):
     """One edge agent: trains ``model`` on ``data`` whenever the federation selects it.
 
     ``config`` is an :class:`AgentConfig` (or a path to its TOML file, or a
@@ -84,16 +84,15 @@ class Agent:
                               capabilities=capabilities, model=self.model, verifier=verifier,
                               private=cfg.hide_sample_count, secagg_identity=identity,
                               secagg_verifier=peer_verifier)
-        self.loop = loop or Loop()
-        self._own_loop = loop is None
+        self._init_loop(loop)
+        self.thread_name = f"fedmqtt-agent-{cfg.agent_id}"
         self._on_connect = on_connect
-        self.finished = threading.Event()
         self.runner = AgentRunner(
             self.loop, self.core, cfg.broker, on_done=self._done,
             store=AgentStore(cfg.state_dir) if cfg.state_dir else None,
             eligibility=cfg.eligibility, on_connect=self._connected,
+            on_stop=lambda _runner, problem: self._failed(problem),
         )
-        self._started = False
 
     # -- what a caller sees ----------------------------------------------------
 
@@ -110,40 +109,12 @@ class Agent:
 
     def run(self) -> None:
         """Connect and serve in this thread until :meth:`stop` (or the federation is done, with
-        ``exit_when_done``)."""
-        self._start_runner()
+        ``exit_when_done``). Raises ConfigError if the broker refused this agent for good."""
         log.info("agent %s: %d training and %d holdout samples, broker %s:%d", self.config.agent_id,
                  self.data.num_samples, len(self.data.X_holdout), self.config.broker.host, self.config.broker.port)
-        self.loop.run()
+        super().run()
 
-    def start(self) -> "Agent":
-        """Connect and serve on a background thread; returns self."""
-        self._start_runner()
-        if self._own_loop:
-            self.loop.start(name=f"fedmqtt-agent-{self.config.agent_id}")
-        return self
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the federation says it is done; False on timeout."""
-        return self.finished.wait(timeout)
-
-    def stop(self) -> None:
-        """Disconnect (the retained status says offline) and stop the loop, if it is this agent's own."""
-        if self._own_loop:
-            self.loop.stop()
-            if self.loop.thread is not None and self.loop.thread is not threading.current_thread():
-                self.loop.thread.join(10)
-
-    def __enter__(self) -> "Agent":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _start_runner(self) -> None:
-        if self._started:
-            raise RuntimeError("this agent was already started")
-        self._started = True
+    def _begin(self) -> None:
         self.runner.start()
 
     def _connected(self, _runner: AgentRunner) -> None:

@@ -58,7 +58,7 @@ def agent_command(argv: list[str]) -> int:
     try:
         return agent_main(argv)
     except (ConfigError, DataError, ModelError) as exc:
-        kind = "config error" if isinstance(exc, ConfigError) else "data error"
+        kind = {ConfigError: "config error", DataError: "data error"}.get(type(exc), "model error")
         sys.stderr.write(f"fedmqtt agent: {kind}: {exc}\n")
         return 2
 

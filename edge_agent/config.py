@@ -164,6 +164,16 @@ def _check_type(key: str, typ: Any, value: Any) -> Any:
     raise ConfigError(f"{key}: unsupported config type {typ}")  # a bug in a config class, not in the file
 
 
+def parse_bool(text: str) -> bool:
+    """A flag's true/false text (1/0, yes/no, on/off too); argparse type of the non-config switches."""
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _parse_flag(key: str, typ: Any, text: str) -> Any:
     """Turn a flag's text into the TOML value it stands for."""
     origin = typing.get_origin(typ)
@@ -173,12 +183,10 @@ def _parse_flag(key: str, typ: Any, text: str) -> Any:
         return [_parse_flag(key, item, p) for p in parts]
     try:
         if typ is bool:
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
+            try:
+                return parse_bool(text)
+            except argparse.ArgumentTypeError:
+                raise ValueError(text) from None
         if typ is int:
             return int(text)
         if typ is float:
@@ -196,6 +204,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue  # a table has no one-line form: set it in the file
         flag = "--" + key.replace(".", "-").replace("_", "-")
         help_text = f.metadata.get("help", "")
+        if typ is bool:
+            # `--exit-when-done` alone means true, as a switch would; `--exit-when-done false` works too.
+            group.add_argument(flag, dest="cfg:" + key, metavar="BOOL", nargs="?", const="true", default=None,
+                               help=help_text)
+            continue
         group.add_argument(flag, dest="cfg:" + key, metavar=_metavar(typ), default=None, help=help_text)
 
 

@@ -49,15 +49,7 @@ def load_model(kind: str, options: Mapping[str, Any] | None = None, *, n_feature
     except Exception as exc:  # the user's constructor: any failure is a configuration problem
         raise ModelError("bad_model", f"model {kind!r}: {cls.__name__}({_args(options)}) failed: "
                                       f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(model, FedModel):
-        raise ModelError("bad_model", f"model {kind!r}: {cls.__name__} does not implement fedmqtt.Model "
-                                      "(subclass edge_agent.model_api.FedModel or NumpyModel)")
-    model.kind = kind  # the configured name is what the wire carries and both sides compare
-    try:
-        model.spec  # noqa: B018 - checks names, shapes and sizes
-    except (ValueError, TypeError) as exc:
-        raise ModelError("bad_model", f"model {kind!r}: {exc}") from None
-    return model
+    return _checked(model, kind, f"model {kind!r}: {cls.__name__}")
 
 
 def named(model: FedModel) -> FedModel:
@@ -66,15 +58,20 @@ def named(model: FedModel) -> FedModel:
     The aggregator and the agents must then name the same class, which they
     do when both pass an instance of it or configure that name.
     """
+    kind = getattr(model, "kind", "") or f"{type(model).__module__}:{type(model).__qualname__}"
+    return _checked(model, kind, type(model).__name__)
+
+
+def _checked(model: Any, kind: str, what: str) -> FedModel:
+    """``model`` named ``kind``, if it implements the interface and its spec is valid; else ModelError."""
     if not isinstance(model, FedModel):
-        raise ModelError("bad_model", f"{type(model).__name__} does not implement fedmqtt.Model "
+        raise ModelError("bad_model", f"{what} does not implement fedmqtt.Model "
                                       "(subclass fedmqtt.Model or fedmqtt.NumpyModel)")
-    if not model.kind:
-        model.kind = f"{type(model).__module__}:{type(model).__qualname__}"
+    model.kind = kind  # the configured name is what the wire carries and both sides compare
     try:
         model.spec  # noqa: B018 - checks names, shapes and sizes
     except (ValueError, TypeError) as exc:
-        raise ModelError("bad_model", f"model {model.kind!r}: {exc}") from None
+        raise ModelError("bad_model", f"model {kind!r}: {exc}") from None
     return model
 
 

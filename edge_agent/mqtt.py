@@ -44,6 +44,21 @@ MAX_QUEUED_MESSAGES = 1000
 # devices does not hammer a broker that is down for long.
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
+# CONNACK / DISCONNECT reason codes (MQTT 5, section 3.2.2.2 and 3.14.2.1)
+# that retrying cannot mend: the configuration (credentials, client id) is
+# wrong, or another client took this client id.
+LOGIN_REFUSED = {133: "client identifier not valid", 134: "bad user name or password", 135: "not authorized",
+                 138: "banned", 140: "bad authentication method"}
+SESSION_TAKEN_OVER = 142
+# mosquitto 2.0 does not send SESSION_TAKEN_OVER: it just closes the old
+# connection. A client whose connections end within seconds of being
+# accepted, several times in a row, is sharing its client id with another
+# (a network that fails does not let every reconnect succeed at once).
+SHORT_SESSION_S = 5.0
+TAKEOVERS_TO_STOP = 3
+# Bytes a PUBLISH adds to topic and payload: fixed header (<= 5), topic length (2),
+# packet id (2), property length (<= 4); user properties are counted exactly.
+PUBLISH_OVERHEAD = 13
 # loop_misc handles keepalive pings and timeouts; once a second is plenty.
 MISC_INTERVAL_S = 1.0
 # Queued callbacks run per loop pass, so long work (training) never starves
@@ -55,6 +70,16 @@ JOBS_PER_PASS = 1
 # received but not yet read (seen: the final "done" task lost). Loopback
 # needs milliseconds; the bound covers a slow link without hanging a stop.
 CLOSE_FLUSH_S = 5.0
+
+
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH:
+# the certificate does not name the host (or address) we dialled.
+X509_NAME_MISMATCH = (62, 64)
+
+
+def _code(reason_code) -> int:
+    """The numeric value of a paho ReasonCode (or of a plain int)."""
+    return int(getattr(reason_code, "value", reason_code) or 0)
 
 
 @dataclass
@@ -83,6 +108,9 @@ class Handler(Protocol):
 
     def on_message(self, conn: "Connection", topic: str, payload: bytes, props: dict[str, str]) -> None: ...
 
+    # Optional: ``on_fatal(conn, problem)`` when the broker says retrying cannot help (see
+    # :attr:`Connection.fatal`); without it the loop is stopped.
+
 
 class Loop:
     """A single-threaded event loop for paho clients, jobs and timers."""
@@ -101,6 +129,7 @@ class Loop:
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
         self.thread: threading.Thread | None = None
+        self._at_shutdown: list[Callable[[], None]] = []
 
     # -- scheduling -----------------------------------------------------------
 
@@ -136,6 +165,10 @@ class Loop:
 
     def _request_stop(self) -> None:
         self._stopping = True
+
+    def at_shutdown(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the loop thread once the loop has stopped and its connections are closed."""
+        self._at_shutdown.append(fn)
 
     # -- running --------------------------------------------------------------
 
@@ -195,6 +228,8 @@ class Loop:
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
+        for fn in self._at_shutdown:
+            _guard(fn, "shutdown hook")
 
     def _serve(self, events: list) -> None:
         for key, mask in events:
@@ -244,6 +279,15 @@ class Connection:
         self._session_expiry_s = session_expiry_s
         self.will = will
         self._inflight: list[paho.MQTTMessageInfo] = []
+        # Set when retrying cannot help (refused login, client id taken over):
+        # one line saying what to fix. The connection then stops reconnecting.
+        self.fatal: str | None = None
+        # The broker's packet size limit from CONNACK (0: none announced).
+        self.max_packet_size = 0
+        self.refused_too_large = 0
+        self._answered = False  # a CONNACK arrived since the socket opened
+        self._connected_at = 0.0
+        self._short_sessions = 0  # consecutive connections that the broker ended within SHORT_SESSION_S
         # manual_ack: a QoS 1 message is acknowledged only after the handler
         # returned, i.e. after whatever it made durable is on disk.
         self.manual_ack = manual_ack
@@ -281,8 +325,19 @@ class Connection:
         """Start connecting (from the loop thread); retries until it works or the loop stops."""
         self.loop.call_soon(self._try_connect)
 
-    def publish(self, msg: Publish) -> None:
-        """Queue a publish (from the loop thread). Dropped with a log line if paho refuses it."""
+    def publish(self, msg: Publish) -> bool:
+        """Queue a publish (from the loop thread); False when it is refused.
+
+        A message larger than the broker's announced maximum packet size is
+        refused here with a log line: sent anyway, the broker would
+        disconnect us and paho would resend it on every reconnect, forever.
+        """
+        size = self.packet_size(msg)
+        if self.max_packet_size and size > self.max_packet_size:
+            self.refused_too_large += 1
+            log.error("%s: not publishing %d bytes to %s: the broker's maximum packet size is %d bytes",
+                      self.client_id, size, msg.topic, self.max_packet_size)
+            return False
         props = None
         if msg.user_properties or msg.content_type:
             props = Properties(PacketTypes.PUBLISH)
@@ -296,6 +351,16 @@ class Connection:
             self._inflight.append(info)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s refused: %s", self.client_id, msg.topic, paho.error_string(info.rc))
+            return False
+        return True
+
+    @staticmethod
+    def packet_size(msg: Publish) -> int:
+        """Bytes of the PUBLISH packet that carries ``msg`` (an upper bound)."""
+        props = sum(5 + len(k.encode()) + len(v.encode()) for k, v in msg.user_properties)
+        if msg.content_type:
+            props += 3 + len(msg.content_type.encode())
+        return PUBLISH_OVERHEAD + len(msg.topic.encode()) + len(msg.payload) + props
 
     def close(self) -> None:
         """Disconnect cleanly at once (see :meth:`Loop.stop` for the graceful path)."""
@@ -335,10 +400,32 @@ class Connection:
             self.client.reconnect()
         except ssl.SSLCertVerificationError as exc:
             # Not a network hiccup: we do not trust this broker (wrong ca_file,
-            # or someone in the middle). Say so loudly; keep retrying in case
-            # the operator fixes the certificate.
-            log.error("%s: the broker's TLS certificate is not trusted (%s); check [broker] ca_file = %r",
-                      self.client_id, exc.verify_message or exc, self.broker.ca_file)
+            # a host name the certificate does not name, or someone in the
+            # middle). Say so loudly; keep retrying in case the operator
+            # fixes the certificate.
+            if exc.verify_code in X509_NAME_MISMATCH:
+                log.error("%s: the broker's TLS certificate is not valid for host name %r (%s); connect with a "
+                          "name the certificate carries ([broker] host)", self.client_id, self.broker.host,
+                          exc.verify_message or exc)
+            else:
+                log.error("%s: the broker's TLS certificate is not trusted (%s); check [broker] ca_file = %r",
+                          self.client_id, exc.verify_message or exc, self.broker.ca_file)
+            self._schedule_reconnect()
+        except ssl.SSLError as exc:
+            # e.g. WRONG_VERSION_NUMBER: TLS spoken to a port that does not.
+            log.error("%s: TLS handshake with %s:%s failed (%s); if this port does not use TLS, set [broker] tls = "
+                      "false or use the broker's TLS port", self.client_id, self.broker.host, self.broker.port,
+                      exc.reason or exc)
+            self._schedule_reconnect()
+        except ConnectionResetError as exc:
+            if self.broker.tls:
+                # A plain MQTT listener resets a TLS ClientHello it cannot parse.
+                log.error("%s: %s:%s reset the TLS handshake (%s); if this port does not use TLS, set [broker] tls "
+                          "= false or use the broker's TLS port", self.client_id, self.broker.host, self.broker.port,
+                          exc)
+            else:
+                log.info("%s: cannot reach broker %s:%s (%s); retry in %.1fs",
+                         self.client_id, self.broker.host, self.broker.port, exc, self._backoff)
             self._schedule_reconnect()
         except (OSError, paho.WebsocketConnectionError) as exc:
             log.info("%s: cannot reach broker %s:%s (%s); retry in %.1fs",
@@ -353,11 +440,20 @@ class Connection:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
+            self._answered = True
             if reason_code.is_failure:
+                code = _code(reason_code)
+                if code in LOGIN_REFUSED:
+                    who = f"user {self.broker.username!r}" if self.broker.username else "an anonymous login"
+                    self._fail(f"the broker refused {who} ({LOGIN_REFUSED[code]}): check [broker] username and "
+                               f"password/password_file (or the client certificate, cert_file/key_file)")
+                    return
                 log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
                 return  # paho closes the socket; _on_disconnect schedules the retry
             self.connected = True
+            self._connected_at = time.monotonic()
             self._backoff = RECONNECT_MIN_S
+            self.max_packet_size = int(getattr(properties, "MaximumPacketSize", 0) or 0)
             subs = self.handler.subscriptions()
             if subs:
                 client.subscribe([(t, 1) for t in subs])
@@ -367,15 +463,44 @@ class Connection:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
-            was = self.connected
+            was, answered = self.connected, self._answered
             self.connected = False
+            self._answered = False
             if self._closing:
                 return
+            if _code(reason_code) == SESSION_TAKEN_OVER:
+                # Another client connected with our client id: a second device
+                # with the same id (a cloned SD card), or a second copy of this
+                # service. Reconnecting would take its connection in turn, forever.
+                self._fail(f"another client connected with client id {self.client_id!r} and took over the session: "
+                           "two devices (or two services) share this id; give each its own")
+                return
             if was:
+                short = time.monotonic() - self._connected_at < SHORT_SESSION_S
+                self._short_sessions = self._short_sessions + 1 if short else 0
+                if self._short_sessions >= TAKEOVERS_TO_STOP:
+                    self._fail(f"the broker closed this connection {self._short_sessions} times within seconds of "
+                               f"accepting it: most likely another client uses client id {self.client_id!r} (two "
+                               "devices, or two services, share this id); give each its own")
+                    return
                 log.warning("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
+            elif not answered and not self.broker.tls:
+                log.warning("%s: %s:%s closed the connection before answering; if that port needs TLS, set "
+                            "[broker] tls = true (and ca_file)", self.client_id, self.broker.host, self.broker.port)
             self._schedule_reconnect()
         except Exception:
             log.exception("%s: on_disconnect failed", self.client_id)
+
+    def _fail(self, problem: str) -> None:
+        """Stop for good: retrying cannot mend this (a configuration error)."""
+        self.fatal = problem
+        self._closing = True
+        log.error("%s: %s", self.client_id, problem)
+        on_fatal = getattr(self.handler, "on_fatal", None)
+        if on_fatal is not None:
+            on_fatal(self, problem)
+        else:
+            self.loop.stop()
 
     def _on_message(self, client, userdata, msg) -> None:
         try:

@@ -27,6 +27,7 @@ class SignatureError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
 
 
 def signed_bytes(topic: str, payload: bytes) -> bytes:

@@ -24,8 +24,9 @@ CUSTOM_KIND = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*(:[A-Za-z_][A-Za-z0-9_]*)?$
 MAX_KIND_CHARS = 200
 # Parameter names of custom models: state_dict keys such as "conv1.weight".
 PARAM_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-# Named arrays a custom model may have (the codec's map limit is 1 024).
-MAX_PARAM_ARRAYS = 1024
+# Named arrays a custom model may have: the codec's limit on one params map
+# (edge_agent.wire.MAX_ARRAYS; a test keeps the two equal).
+MAX_PARAM_ARRAYS = 256
 MAX_PARAM_NDIM = 8
 
 # Largest dimension accepted in a spec from the wire. A spec is untrusted input

@@ -44,6 +44,11 @@ class Topics:
         return f"{self.prefix}/metrics"
 
     @property
+    def metrics_json(self) -> str:
+        """A JSON copy of ``metrics`` for dashboards and people (retained, not msgpack)."""
+        return f"{self.prefix}/metrics/json"
+
+    @property
     def keys(self) -> str:
         """The aggregator's signed list of model-signing keys (key rollover)."""
         return f"{self.prefix}/keys"
@@ -70,15 +75,15 @@ class Topics:
     def parse(self, topic: str) -> tuple[str, str | None]:
         """Classify a topic of this federation: (kind, agent id or None).
 
-        kind is one of model, model/onnx, task, metrics, update, status,
-        inbox, or "" for a topic that is not one of ours (including a
+        kind is one of model, model/onnx, task, metrics, metrics/json, keys,
+        update, status, inbox, or "" for a topic that is not one of ours (including a
         malformed agent id, which a hostile client could try).
         """
         head = self.prefix + "/"
         if not topic.startswith(head):
             return "", None
         rest = topic[len(head):]
-        if rest in ("model", "model/onnx", "task", "metrics", "keys"):
+        if rest in ("model", "model/onnx", "task", "metrics", "metrics/json", "keys"):
             return rest, None
         parts = rest.split("/")
         if len(parts) == 2 and parts[0] == "update" and valid_id(parts[1]):

@@ -11,30 +11,33 @@ import sys
 
 from edge_agent import __version__
 
-USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,privacy,export,serve-onnx,provision} ...
+USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,dashboard,privacy,export,serve-onnx,provision} ...
 
   demo        run a whole federation on this machine (private broker, aggregator, 10 agents)
   aggregator  run the aggregator service (--config aggregator.toml)
   agent       run one edge agent (--config agent.toml)
   sim         run N simulated agents in one process against a broker
   status      show a federation's agents and last rounds from the broker's retained messages
+  dashboard   serve a live web page of the fleet, its rounds, accuracy and privacy (retained messages)
   privacy     plan differential privacy: epsilon for a population, sample size, rounds and noise
   export      write the ONNX model of a checkpoint or a saved model (.npz)
-  serve-onnx  answer predictions from the federation's current ONNX model (hot-swapped)
+  serve-onnx  answer predictions from the federation's current ONNX model (hot-swapped): CSV, or JSON over HTTP
   provision   create the CA, certificates, MQTT passwords, ACL and signing key of a secured federation
 
 `fedmqtt COMMAND --help` for the options of each.
 """
 
-AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "privacy", "export", "serve-onnx", "provision")
-
-AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "privacy", "export", "serve-onnx", "provision")
+AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "dashboard", "privacy", "export", "serve-onnx",
+                       "provision")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedmqtt`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        sys.stderr.write(USAGE)
+        return 2  # a command is required, as for any CLI with subcommands
+    if argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0
     if argv[0] == "--version":

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up everything `make demo` / `make test` need on a fresh Debian machine:
-# a virtualenv with fedmqtt and the requested extras, and mosquitto.
+# a virtualenv with fedmqtt and the requested extras, and mosquitto (and, for
+# the dev extras, Debian's chromium and chromedriver if apt-get can install them).
 #   scripts/setup.sh VENV EXTRAS      e.g. scripts/setup.sh .venv aggregator,demo,dev
 # Idempotent: an existing venv is reused, pip only runs when pyproject.toml
 # changed (a stamp file records what was installed), apt-get only runs when
-# mosquitto is missing.
+# mosquitto is missing (or, with the dev extras, chromium/chromedriver).
 set -euo pipefail
 
 venv=${1:-.venv}
@@ -77,3 +78,20 @@ fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     apt_install mosquitto
 fi
+
+# Debian's chromium and chromedriver, for the dashboard's browser test (dev
+# extras). Optional: if apt-get cannot install them, warn and go on (the test
+# then skips, saying why).
+case ",$extras," in
+    *,dev,*)
+        if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+            browser_log="$venv/chromium-install.log"
+            echo "setup: installing chromium chromium-driver with apt-get"
+            if ! { command -v apt-get && as_root apt-get update -qq \
+                   && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+                   >"$browser_log" 2>&1; then
+                echo "setup: warning: cannot install chromium and chromium-driver with apt-get (see $browser_log); the dashboard's browser test will be skipped" >&2
+            fi
+        fi
+        ;;
+esac

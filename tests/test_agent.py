@@ -148,7 +148,8 @@ def test_model_for_other_data_or_unsupported_kind_is_dropped():
     st = wire.decode(status.payload, expect="status")
     assert status.topic == T.status("me") and not st.eligible
     assert st.reason == "incompatible_model: local data: 4 features per row, the model takes 5"
-    assert c.receive(*model_msg(spec=ModelSpec("linear", 4, 1))[:2]) == []
+    (status,) = c.receive(*model_msg(spec=ModelSpec("linear", 4, 1))[:2])
+    assert wire.decode(status.payload, expect="status").reason == "unsupported_model: model kind linear not in ('softmax',)"
     assert c.rejected["incompatible_model"] == 1 and c.rejected["unsupported_model"] == 1
     assert c.model_msg is None
     # a model that fits clears it

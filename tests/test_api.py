@@ -179,7 +179,7 @@ def test_a_device_with_a_custom_model_trains_and_sends_the_same_named_arrays():
 
 
 @pytest.mark.parametrize("spec, reason", [
-    (ModelSpec("softmax", 3, 2), "incompatible_model"),  # the federation trains something else
+    (ModelSpec("softmax", 3, 2), "unsupported_model"),  # the federation trains something else
     (ModelSpec("tests.test_api:TinyRegressor", 3, 1, (), (("dense.w", (3,)), ("dense.b", (2,)))),
      "incompatible_model"),  # same name, other shapes
 ])
@@ -188,12 +188,9 @@ def test_a_device_refuses_a_model_that_is_not_its_own_and_says_so(spec, reason):
     params = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
     m = wire.ModelMsg(FED, 0, wire.params_version(params), spec, params)
     actions = c.receive(T.model, wire.encode(m))
-    assert c.model_msg is None
-    rejected = c.rejected[reason] + c.rejected["unsupported_model"]
-    assert rejected == 1
-    if actions:  # a refused model the device could never train is in its status
-        st = status_of(actions)
-        assert not st.eligible and st.reason.split(":")[0] in (reason, "unsupported_model")
+    assert c.model_msg is None and c.rejected[reason] == 1
+    st = status_of(actions)  # a model the device cannot train is in its status: it is not selected
+    assert not st.eligible and st.reason.startswith(f"{reason}: ")
 
 
 # ---------------------------------------------------------------------------
@@ -369,3 +366,87 @@ def test_a_device_installs_numpy_msgpack_and_paho_only():
     assert base == ["msgpack", "numpy", "paho-mqtt"]
     torch_extra = [r for r in requires if 'extra == "torch"' in r]
     assert torch_extra and all(r.startswith("torch") for r in torch_extra)
+
+
+def test_the_spec_allows_no_more_arrays_than_the_codec_carries():
+    from edge_agent import spec
+
+    assert spec.MAX_PARAM_ARRAYS == wire.MAX_ARRAYS
+
+
+class Float64Init(TinyRegressor):
+    """A plugin whose init_params returns float64 arrays, in another order than its shapes."""
+
+    kind = "tests.test_api:Float64Init"
+
+    def init_params(self, seed=0):
+        return {"dense.b": np.zeros(1), "dense.w": np.ones(3)}
+
+
+def test_the_aggregator_checks_a_plugins_initial_parameters():
+    from aggregator.config import AggregatorConfig
+    from aggregator.coordinator import Coordinator
+    from aggregator.strategies import FedAvg
+
+    cfg = AggregatorConfig(federation=FED)
+    cfg.model.use(load_model("tests.test_api:Float64Init"))
+    co = Coordinator(cfg, FedAvg())
+    published = [a for a in co.start(0.0) if isinstance(a, Publish) and a.topic == T.model]
+    m = wire.decode(published[0].payload, expect="model", spec=cfg.model.spec())
+    assert list(m.params) == ["dense.w", "dense.b"] and m.params["dense.w"].dtype == np.float32
+
+
+def test_a_replayed_model_of_another_shape_does_not_make_the_device_ineligible():
+    model = TinyRegressor()
+    c = AgentCore(agent_id="me", fed=FED, data=regression_data(), model=model)
+    c.receive(*model_message(model, round_=3)[:2])
+    other = ModelSpec(model.kind, 3, 1, (), (("dense.w", (3,)), ("dense.b", (2,))))
+    params = {k: np.zeros(s, np.float32) for k, s in other.param_shapes().items()}
+    old = wire.ModelMsg(FED, 1, wire.params_version(params), other, params)
+    assert [a for a in c.receive(T.model, wire.encode(old)) if isinstance(a, Publish)] == []
+    assert c.rejected["replayed"] == 1 and c.problem is None and c.model_msg.round == 3
+
+
+def test_a_problem_a_model_caused_clears_when_the_current_model_comes_again():
+    model = TinyRegressor()
+    c = AgentCore(agent_id="me", fed=FED, data=regression_data(), model=model)
+    c.receive(*model_message(model, round_=1)[:2])
+    bad = ModelSpec(model.kind, 3, 1, (), (("dense.w", (3,)), ("dense.b", (2,))))
+    params = {k: np.zeros(s, np.float32) for k, s in bad.param_shapes().items()}
+    st = status_of(c.receive(T.model, wire.encode(wire.ModelMsg(FED, 2, wire.params_version(params), bad, params))))
+    assert not st.eligible and st.reason.startswith("incompatible_model")
+    # the aggregator's next model has the device's own spec again: eligible again
+    assert status_of(c.receive(*model_message(model, round_=3)[:2])).eligible and c.problem is None
+
+
+def test_a_device_configured_for_one_builtin_kind_reports_another_in_its_status():
+    X = np.zeros((20, 4), np.float32)
+    c = AgentCore(agent_id="me", fed=FED, data=LocalData(X, np.arange(20) % 3, X[:0], np.zeros(0)),
+                  capabilities=("softmax",))
+    spec = ModelSpec("mlp", 4, 3, (8,))
+    params = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
+    st = status_of(c.receive(T.model, wire.encode(wire.ModelMsg(FED, 0, wire.params_version(params), spec, params))))
+    assert not st.eligible and st.reason == "unsupported_model: model kind mlp not in ('softmax',)"
+
+
+class NoGraph(TinyRegressor):
+    """A plugin whose ONNX export raises."""
+
+    kind = "tests.test_api:NoGraph"
+
+    def to_onnx(self, params):
+        raise RuntimeError("exporter crashed")
+
+
+@pytest.mark.broker
+def test_a_failing_onnx_export_costs_the_onnx_copy_not_the_round(broker_config, tmp_path):
+    cfg = fedmqtt.AggregatorConfig(federation="noonnx", rounds=2, state_dir=str(tmp_path / "agg"), broker=broker_config)
+    cfg.round.min_agents, cfg.round.timeout = 1, 30.0
+    agg = fedmqtt.Aggregator(cfg, model=NoGraph())
+    agent = fedmqtt.Agent(fedmqtt.AgentConfig(agent_id="a1", federation="noonnx", state_dir="", broker=broker_config,
+                                              exit_when_done=True),
+                          model=NoGraph(), data=(regression_data(40).X_train, regression_data(40).y_train))
+    with agg, agent:
+        assert agg.wait(60), f"stuck at round {agg.round}"
+    assert [s.participants for s in agg.history] == [1, 1]
+    assert agg.service.onnx_failures == 3  # the initial model and both rounds

@@ -314,6 +314,36 @@ def test_bool_flag(tmp_path):
     args = parser.parse_args(["--agent-id", "a", "--data", "d.npz", "--exit-when-done", "maybe"])
     with pytest.raises(ConfigError, match="--exit-when-done"):
         load(AgentConfig, None, flag_overrides(args))
+    # bare, as a switch (the same form `fedmqtt sim` takes)
+    args = parser.parse_args(["--exit-when-done", "--agent-id", "a"])
+    assert load(AgentConfig, None, flag_overrides(args)).exit_when_done is True
+
+
+def test_the_cli_without_a_command_is_a_usage_error(capsys):
+    from fedmqtt.cli import main
+
+    assert main([]) == 2 and "usage: fedmqtt" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "usage: fedmqtt" in capsys.readouterr().out
+
+
+def test_sim_takes_the_same_exit_flag_and_the_broker_login_flags(monkeypatch):
+    """`fedmqtt sim` parses --exit-when-done like `agent` and the --broker-* TLS/login flags like `status`."""
+    import aggregator.cli as cli
+
+    seen = {}
+
+    class FakeSim:  # stops before any network: only the parsed arguments matter here
+        def __init__(self, broker, federation, agents, **kw):
+            seen.update(broker=broker, n=len(agents))
+            raise SystemExit(0)
+
+    monkeypatch.setattr("aggregator.sim.Simulation", FakeSim)
+    for flag in (["--exit-when-done"], ["--exit-when-done", "true"]):
+        with pytest.raises(SystemExit):
+            cli.sim_main(["--agents", "2", "--broker", "10.1.2.3:8883", "--broker-tls", "--broker-username", "u",
+                          "--broker-password", "p", *flag])
+        assert (seen["broker"].host, seen["broker"].port, seen["broker"].tls, seen["broker"].username) == \
+            ("10.1.2.3", 8883, True, "u") and seen["n"] == 2
 
 
 @pytest.mark.parametrize(
@@ -423,3 +453,32 @@ def test_cli_agent_data_error(tmp_path, fedmqtt_exe):
     np.savez(tmp_path / "obj.npz", X=X, y=np.array([0, 1]))
     r = _run("agent", "--agent-id", "a1", "--data", str(tmp_path / "obj.npz"), cwd=tmp_path)
     _assert_clean_error(r, "obj.npz")
+
+
+@pytest.mark.parametrize("cls, path", [(AggregatorConfig, "deploy/aggregator.toml"), (AgentConfig, "deploy/agent.toml")])
+def test_the_example_configs_show_every_key(cls, path):
+    """Each leaf key appears in its section of the annotated example (set or commented out), and the file loads."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / path).read_text()
+    sections: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in text.splitlines():
+        header = re.match(r"^#?\s*\[([a-z_.]+)\]", line)
+        if header:
+            current = header.group(1)
+            sections.setdefault(current, [])
+        else:
+            sections.setdefault(current, []).append(line)
+    missing = []
+    for key, typ, _ in leaf_fields(cls):
+        section, _, leaf = key.rpartition(".")
+        body = "\n".join(sections.get(section, []))
+        if typ is dict:
+            if f"[{key}]" not in text:
+                missing.append(key)
+        elif not re.search(rf"^#?\s*{re.escape(leaf)}\s*=", body, re.M):
+            missing.append(key)
+    assert missing == []
+    load(cls, Path(__file__).resolve().parents[1] / path)

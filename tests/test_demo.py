@@ -37,6 +37,9 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [int(r["round"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[-1]["test_accuracy"]) == pytest.approx(result.final_accuracy, abs=1e-6)
+    header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert len(header) == len(set(header)), header  # `seconds` once (it is also a round metric)
+    assert header[:6] == ["round", "attempt", "participants", "selected", "seconds", "version"]
     png = (tmp_path / "out" / "accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     with np.load(tmp_path / "out" / "model.npz", allow_pickle=False) as f:

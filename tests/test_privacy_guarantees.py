@@ -333,9 +333,10 @@ def test_dp_metrics_publish_nothing_per_device():
     (pub,) = [a for a in out if isinstance(a, Publish) and a.topic == T.metrics]
     m = wire.decode(pub.payload, expect="metrics")
     assert m.participants == 0
-    assert set(m.metrics) <= {"epsilon", "delta", "noise_multiplier", "sampling_rate", "clip"}
+    public = {"epsilon", "epsilon_budget", "delta", "noise_multiplier", "sampling_rate", "clip"}  # budget: a setting
+    assert set(m.metrics) <= public
     assert {"epsilon", "clip"} <= set(m.metrics)
-    assert all(set(h) <= {"round", "epsilon", "delta", "noise_multiplier", "sampling_rate", "clip"} for h in m.history)
+    assert all(set(h) <= {"round", *public} for h in m.history)
 
 
 def test_a_device_stops_publishing_its_sample_count_once_it_sees_a_dp_task():

@@ -108,10 +108,19 @@ def test_an_agent_pinned_to_another_key_rejects_the_aggregators_model(fed, broke
         end = time.monotonic() + WAIT_S
         while runner.core.rejected["untrusted_key"] < 2 and time.monotonic() < end:
             time.sleep(0.02)
+        # it says so in its retained status, and the aggregator stops counting on it
+        while (ra.coordinator.agents.get("pinned") is None or ra.coordinator.agents["pinned"].eligible) \
+                and time.monotonic() < end:
+            time.sleep(0.02)
+        time.sleep(3 * 2.0)  # beyond a round deadline: no round is opened and abandoned over and over
     finally:
         loop.stop()
     assert runner.core.rejected["untrusted_key"] >= 2  # the model and the task
     assert runner.core.model_msg is None and runner.core.updates_sent == 0
+    seen = ra.coordinator.agents["pinned"]
+    assert not seen.eligible and seen.reason.startswith("untrusted_key: ") and "not a trusted key" in seen.reason
+    # (one attempt may open before the device has seen the model and said so; it is the only one)
+    assert ra.coordinator.history == [] and ra.coordinator.attempt <= 1
 
 
 # -- rate limit and norm bound ----------------------------------------------------------
@@ -331,8 +340,9 @@ def test_a_signed_key_rollover_reaches_an_agent_without_touching_it(tmp_path):
     params = BuiltinModel(spec).init_params(0)
     model = wire.encode(wire.ModelMsg("rot", 0, wire.params_version(params), spec, params))
     t = Topics("rot")
-    # before the rollover a model signed with the new key is refused
-    assert core.receive(t.model, model, dict(new.properties(t.model, model))) == []
+    # before the rollover a model signed with the new key is refused, and the status says so
+    (status,) = core.receive(t.model, model, dict(new.properties(t.model, model)))
+    assert status.topic == t.status("dev") and not wire.decode(status.payload, expect="status").eligible
     assert core.rejected["untrusted_key"] == 1
     # an announcement signed by someone else is refused too
     stranger = make_key(tmp_path / "x.pem")
@@ -341,8 +351,9 @@ def test_a_signed_key_rollover_reaches_an_agent_without_touching_it(tmp_path):
     # the old key announces the new one: the agent trusts it from now on, and says to persist it
     actions = core.receive(*_keys_message("rot", [old_pub, new_pub], old))
     assert actions == [SaveTrustedKeys(sorted([old_pub, new_pub]))]
-    core.receive(t.model, model, dict(new.properties(t.model, model)))
+    (status, *_) = core.receive(t.model, model, dict(new.properties(t.model, model)))
     assert core.model_msg is not None and core.rejected["untrusted_key"] == 2
+    assert wire.decode(status.payload, expect="status").eligible and core.problem is None  # trusted again
 
 
 @pytest.mark.broker

@@ -30,6 +30,7 @@ from aggregator.broker import LocalBroker, render_config
 from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
 from aggregator.provision import (
     AGGREGATOR_USER,
+    OBSERVER_USER,
     Files,
     ProvisionError,
     acl_text,
@@ -219,7 +220,8 @@ def test_provision_writes_keys_certificates_passwords_and_acl(pki):
 
     m = json.loads(pki.manifest.read_text())
     assert m["agents"] == [A, B] and m["federation"] == FED
-    secret = [pki.ca_key, pki.broker_key, pki.passwd, pki.signing_key]
+    secret = [pki.ca_key, pki.broker_key, pki.passwd, pki.signing_key,
+              pki.observer(OBSERVER_USER, "key"), pki.observer(OBSERVER_USER, "password")]
     for name in (AGGREGATOR_USER, A, B):
         secret += [pki.client(name, "key"), pki.client(name, "password")]
     for path in secret:
@@ -245,21 +247,26 @@ def test_provision_writes_keys_certificates_passwords_and_acl(pki):
         key = serialization.load_pem_private_key(pki.client(name, "key").read_bytes(), None)
         assert key.public_key() == cert.public_key()
     users = [ln.split(":", 1)[0] for ln in pki.passwd.read_text().splitlines()]
-    assert users == [AGGREGATOR_USER, A, B]
-    assert pki.acl.read_text() == acl_text(FED)
+    assert users == [AGGREGATOR_USER, A, B, OBSERVER_USER]
+    assert m["observers"] == [OBSERVER_USER]
+    assert pki.acl.read_text() == acl_text(FED, [A, B], [OBSERVER_USER])
     rules = [ln for ln in pki.acl.read_text().splitlines() if ln and not ln.startswith("#")]
+    reads = [f"topic read fl/{FED}/{t}" for t in ("model", "model/onnx", "task", "metrics", "metrics/json", "keys")]
     assert rules == [
-        f"pattern write fl/{FED}/update/%u",
-        f"pattern write fl/{FED}/agent/%u/status",
-        f"pattern read fl/{FED}/agent/%u/inbox",
-        f"pattern read fl/{FED}/model",
-        f"pattern read fl/{FED}/model/onnx",
-        f"pattern read fl/{FED}/task",
-        f"pattern read fl/{FED}/metrics",
-        f"pattern read fl/{FED}/keys",
         f"user {AGGREGATOR_USER}",
         f"topic readwrite fl/{FED}/#",
+        f"user {OBSERVER_USER}",
+        *[f"topic read fl/{FED}/{t}" for t in ("model", "model/onnx", "task", "metrics", "metrics/json", "keys",
+                                               "agent/+/status")],
+        *[line for agent in (A, B) for line in (
+            f"user {agent}",
+            f"topic write fl/{FED}/update/{agent}",
+            f"topic write fl/{FED}/agent/{agent}/status",
+            f"topic read fl/{FED}/agent/{agent}/inbox",
+            *reads)],
     ]
+    # no pattern lines (they would apply to the observer too), no topic line before the first user line
+    assert not [ln for ln in rules if ln.startswith("pattern")] and rules[0].startswith("user ")
 
 
 def test_password_hash_matches_mosquitto_passwd(tmp_path):
@@ -305,8 +312,9 @@ def test_init_refuses_an_existing_ca_and_add_agent_touches_only_the_new_agent(tm
     assert provision_main(["add-agent", "--dir", str(d), "--agent", "pi-2"]) == 0
     after = {p.name: p.read_bytes() for p in d.iterdir()}
     changed = sorted(n for n in after if before.get(n) != after[n])
-    assert changed == ["agent-pi-2.crt", "agent-pi-2.key", "agent-pi-2.password", "agent-pi-2.toml",
+    assert changed == ["acl", "agent-pi-2.crt", "agent-pi-2.key", "agent-pi-2.password", "agent-pi-2.toml",
                        "passwd", "provision.json"]
+    assert after["acl"].decode() == acl_text(FED, ["pi-1", "pi-2"], [OBSERVER_USER])
     assert after["passwd"].startswith(before["passwd"])  # appended, nothing rewritten
     for bad, why in (("pi-2", "already provisioned"), ("aggregator", "user name"), ("a/b", "must match"),
                      ("+", "must match"), ("", "must match")):
@@ -317,7 +325,7 @@ def test_init_refuses_an_existing_ca_and_add_agent_touches_only_the_new_agent(tm
     init(d, FED, ["pi-9"], force=True)
     assert f.ca_cert.read_bytes() != old_ca
     assert not f.client("pi-1", "crt").exists() and not f.client("pi-2", "key").exists()
-    assert [ln.split(":")[0] for ln in f.passwd.read_text().splitlines()] == [AGGREGATOR_USER, "pi-9"]
+    assert [ln.split(":")[0] for ln in f.passwd.read_text().splitlines()] == [AGGREGATOR_USER, "pi-9", OBSERVER_USER]
 
 
 def test_render_config_keeps_a_tls_listener_and_overrides_paths(tmp_path):
@@ -437,12 +445,14 @@ def test_an_agent_cannot_publish_outside_its_own_topics(pki, probe):
         f"fl/{FED}/model/onnx",
         f"fl/{FED}/task",                      # round control
         f"fl/{FED}/metrics",
+        f"fl/{FED}/metrics/json",
         f"fl/{FED}/keys",                      # signing-key announcements
         f"fl/{FED}/agent/{B}/status",          # another agent's status
         f"fl/{FED}/agent/{A}/inbox",           # its own inbox is read-only
         f"fl/{FED}/agent/{B}/inbox",
         f"fl/{FED}/update/{A}/more",           # below its own topic
-        f"fl/{FED}/update/{AGGREGATOR_USER}",  # patterns apply to every user; no agent is called "aggregator"
+        f"fl/{FED}/update/{AGGREGATOR_USER}",  # no agent is called "aggregator"
+        f"fl/{FED}/update/{OBSERVER_USER}",    # nor "observer"
         f"fl/other/update/{A}",                # another federation
         f"fl/{FED}",
         "$SYS/broker/uptime",
@@ -490,6 +500,16 @@ def test_an_agent_receives_the_aggregators_key_announcements(pki, probe):
     aggregator = connected(probe(**creds(pki, AGGREGATOR_USER)))
     aggregator.publish(f"fl/{FED}/keys", b"announcement")
     assert agent.received(until=b"announcement") == [(f"fl/{FED}/keys", b"announcement")]
+
+
+def test_an_agent_reads_the_json_metrics_and_cannot_write_them(pki, probe):
+    """fl/<fed>/metrics/json, the readable copy of metrics: readable by agents, written only by the aggregator."""
+    agent = connected(probe(**creds(pki, A)))
+    agent.subscribe(f"fl/{FED}/metrics/json")
+    assert str(agent.publish(f"fl/{FED}/metrics/json", b"forged")) == "Not authorized"
+    aggregator = connected(probe(**creds(pki, AGGREGATOR_USER)))
+    aggregator.publish(f"fl/{FED}/metrics/json", b'{"round": 1}')
+    assert agent.received(until=b'{"round": 1}') == [(f"fl/{FED}/metrics/json", b'{"round": 1}')]
 
 
 def test_a_last_will_on_a_forbidden_topic_is_never_delivered(pki, probe):
@@ -598,7 +618,7 @@ def test_an_added_agent_can_connect_once_the_broker_reloads(tmp_path, probe):
             time.sleep(0.05)
         receiver = connected(probe(broker, **creds(f, AGGREGATOR_USER)))
         receiver.subscribe(f"fl/{FED}/update/+")
-        assert newcomer.publish(f"fl/{FED}/update/{A}", b"x").is_failure  # the ACL covers it at once
+        assert newcomer.publish(f"fl/{FED}/update/{A}", b"x").is_failure  # the reloaded ACL has its block
         newcomer.publish(f"fl/{FED}/update/pi-new", b"control")
         assert receiver.received(until=b"control") == [(f"fl/{FED}/update/pi-new", b"control")]
     finally:
