@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import threading
 import time
 
@@ -21,6 +23,7 @@ from aggregator.strategies import FedAvg
 from edge_agent import wire
 from edge_agent.agent import AgentCore, AgentRunner
 from edge_agent.mqtt import Loop
+from edge_agent.ratelog import LOG_BURST
 from edge_agent.signing import Signer, SignatureError, Verifier, signed_bytes
 from edge_agent.topics import Topics
 
@@ -188,7 +191,8 @@ def rogue_battery(fed: str, base: str, victim_update: bytes) -> list[tuple[str, 
 
 
 @pytest.mark.broker
-def test_a_rogue_client_during_a_real_run_changes_nothing(fed, broker, broker_config, tmp_path, start_aggregator):
+def test_a_rogue_client_during_a_real_run_changes_nothing(fed, broker, broker_config, tmp_path, start_aggregator,
+                                                          caplog):
     data = federated_digits(3, "iid", 0.5, 5)
     zero = {"W0": np.zeros((64, 10), np.float32), "b0": np.zeros(10, np.float32)}
 
@@ -254,7 +258,8 @@ def test_a_rogue_client_during_a_real_run_changes_nothing(fed, broker, broker_co
         return ra, sent["flood"]
 
     clean, _ = run(False, fed + "-clean")
-    attacked, flooded = run(True, fed + "-rogue")
+    with caplog.at_level(logging.WARNING, logger="aggregator.coordinator"):
+        attacked, flooded = run(True, fed + "-rogue")
     for k in clean.coordinator.params:
         np.testing.assert_allclose(attacked.coordinator.params[k], clean.coordinator.params[k], atol=1e-6)
     r = attacked.coordinator.rejected
@@ -264,6 +269,9 @@ def test_a_rogue_client_during_a_real_run_changes_nothing(fed, broker, broker_co
     assert r["bad_array"] + r["spec_mismatch"] >= 1, dict(r)
     assert flooded > 0
     assert [h.participants for h in attacked.coordinator.history] == [4, 4]
+    # the flood costs a few log lines (a burst, perhaps a summary), the counter stays exact
+    flood_lines = [rec for rec in caplog.records if "(rate_limited)" in rec.getMessage()]
+    assert r["rate_limited"] > 3 * LOG_BURST and len(flood_lines) <= LOG_BURST + 1, (r["rate_limited"], len(flood_lines))
 
 
 # -- fuzzing the coordinator ----------------------------------------------------------------
