@@ -1,10 +1,13 @@
 """The wire codec: every fedmqtt payload as one msgpack map (docs/PROTOCOL.md).
 
 Encoding writes arrays as ``{"dtype", "shape", "data"}`` maps whose ``data``
-is the raw little-endian C-order bytes of the array, handed to msgpack as a
-memoryview: msgpack copies it into its (pre-sized) buffer and once more into
-the returned bytes. Decoding costs one copy out of the payload plus one
-read-only pass to check finiteness (docs/benchmarks.md has the figures).
+is the raw little-endian C-order bytes of the array. msgpack packs
+everything around the large ``data`` values, and one ``b"".join`` copies
+those straight from the arrays' memory into the payload: one copy of the
+array bytes, the same bytes msgpack.packb of the map would give. Decoding
+costs one copy out of the payload (msgpack's, into an aligned bytes object
+the array then views) plus one read-only pass to check finiteness
+(docs/benchmarks.md has the figures).
 
 Decoding treats every payload as hostile: the size is checked before msgpack
 sees a byte, msgpack's container limits are set, every field is type-checked,
@@ -61,6 +64,13 @@ MAX_RUN = (1 << 53) - 1
 ALLOWED_DTYPES = frozenset(
     {"<f2", "<f4", "<f8", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8"}
 )
+
+# The np.dtype of each allowed name and back: per-array lookups that are
+# cheaper than np.dtype(name) and dtype.str.
+_NP_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+_WIRE_DTYPE_NAMES = {dt: name for name, dt in _NP_DTYPES.items()}
+_PARAM_NP_DTYPE = _NP_DTYPES[PARAM_DTYPE]
+_ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
 
 KINDS = ("model", "task", "update", "status", "metrics", "keys")
 TASK_STATES = ("open", "waiting", "done")
@@ -258,12 +268,17 @@ Message = ModelMsg | TaskMsg | UpdateMsg | StatusMsg | MetricsMsg | KeysMsg
 def encode_array(arr: np.ndarray) -> dict[str, Any]:
     """The wire map of one array, sharing memory with it (no copy for contiguous input)."""
     a = np.asarray(arr)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    if a.dtype.str not in ALLOWED_DTYPES:
-        raise WireError("bad_dtype", f"cannot send dtype {a.dtype.str}")
+    name = _WIRE_DTYPE_NAMES.get(a.dtype)  # the common case, without building a.dtype.str
+    if name is None:
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        name = a.dtype.str
+        if name not in ALLOWED_DTYPES:
+            raise WireError("bad_dtype", f"cannot send dtype {name}")
     a = _c_order(a)
-    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": memoryview(a.reshape(-1).view(np.uint8))}
+    # memoryview(a).cast("B") is the cheap flat byte view, but refuses empty arrays.
+    data = memoryview(a).cast("B") if a.size else memoryview(a.reshape(-1).view(np.uint8))
+    return {"dtype": name, "shape": list(a.shape), "data": data}
 
 
 def _c_order(a: np.ndarray) -> np.ndarray:
@@ -272,43 +287,76 @@ def _c_order(a: np.ndarray) -> np.ndarray:
 
 
 def decode_array(m: object, where: str = "array") -> np.ndarray:
-    """Check and build one array from its wire map. The result is read-only."""
-    if not isinstance(m, dict) or set(m) != {"dtype", "shape", "data"}:
+    """Check and build one array from its wire map. The result is read-only.
+
+    The array is a view of ``data``, an immutable bytes object (from
+    :func:`unpack`, msgpack's own copy of the bin, never the caller's
+    payload buffer), so building it copies nothing.
+    """
+    if not isinstance(m, dict) or m.keys() != _ARRAY_KEYS:
         raise WireError("bad_array", f"{where} must be a map with exactly dtype, shape, data")
     dtype, shape, data = m["dtype"], m["shape"], m["data"]
-    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+    dt = _NP_DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if dt is None:
         raise WireError("bad_dtype", f"{where} has dtype {dtype!r}, allowed: {sorted(ALLOWED_DTYPES)}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or any(not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DIM_SIZE for d in shape)
-    ):
-        raise WireError(
-            "bad_array", f"{where} shape must be a list of at most {MAX_NDIM} ints in 0..{MAX_DIM_SIZE}"
-        )
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise _bad_shape(where)
+    count = 1
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DIM_SIZE:
+            raise _bad_shape(where)
+        count *= d
     if not isinstance(data, bytes):
         raise WireError("bad_array", f"{where} data must be binary")
-    dt = np.dtype(dtype)
-    count = math.prod(shape)
     if count * dt.itemsize != len(data):
         raise WireError(
             "shape_mismatch",
             f"{where}: shape {shape} of {dtype} needs {count * dt.itemsize} bytes, got {len(data)}",
         )
     try:
-        arr = np.frombuffer(data, dtype=dt).reshape(shape)
-    except ValueError as exc:  # numpy's own limits on shapes
+        arr = np.ndarray(shape, dt, data)  # read-only: a view of the immutable bytes
+    except (ValueError, TypeError) as exc:  # numpy's own limits on shapes
         raise WireError("bad_array", f"{where}: shape {shape}: {exc}") from None
     if dt.kind == "f" and not _all_finite(arr):
         raise WireError("non_finite", f"{where} contains NaN or Inf")
     return arr
 
 
+def _bad_shape(where: str) -> WireError:
+    return WireError("bad_array", f"{where} shape must be a list of at most {MAX_NDIM} ints in 0..{MAX_DIM_SIZE}")
+
+
 def _all_finite(arr: np.ndarray) -> bool:
-    # max propagates NaN and min/max expose ±Inf, so this is exact, needs no
-    # temporary array, and costs about one pass over the data (np.isfinite
-    # would allocate a bool array as large as the element count).
+    """True iff no element of the float array ``arr`` is NaN or ±Inf. Exact, one read pass, no temporary.
+
+    Fast path: the sum of all elements, ``np.einsum("i->", flat)``, one SIMD
+    pass in the array's dtype (``arr.sum()`` is pairwise and 3x slower on
+    large arrays; float16 accumulates in float32 and rounds back).
+
+    Why a finite sum proves every element finite: in IEEE arithmetic an
+    addition with a non-finite operand never gives a finite result
+    (NaN + x = NaN, ±Inf + finite = ±Inf, Inf + -Inf = NaN, ±Inf + ±Inf
+    = ±Inf, and rounding a NaN or Inf to float16 keeps it). By induction
+    over the additions, in whatever order and with however many partial
+    accumulators the kernel uses, every partial sum that includes a NaN or
+    Inf element is non-finite, and the result includes every element.
+
+    The converse does not hold: finite values can overflow (3e38 + 3e38 is
+    Inf in float32), so a non-finite sum falls back to the exact min/max
+    test (max propagates NaN, min/max expose ±Inf). A hostile sender can
+    force the fallback with huge finite values; that costs one more pass,
+    never a wrong answer. (A float64 sum of float32 values could not
+    overflow at all, 8 Mi elements x 3.4e38 << 1.8e308, but widening makes
+    it 5-7x slower than this; docs/benchmarks.md.)
+    """
     if arr.size == 0:
+        return True
+    # Decoded arrays are always C-contiguous and aligned (views of a bytes
+    # object); einsum on anything else would copy or crawl, so that goes
+    # straight to the exact test. (einsum, unlike np.add.reduce, does not
+    # warn when a sum of finite values overflows.)
+    flags = arr.flags
+    if flags.c_contiguous and flags.aligned and math.isfinite(np.einsum("i->", arr.reshape(-1))):
         return True
     return math.isfinite(arr.max()) and math.isfinite(arr.min())
 
@@ -338,7 +386,7 @@ def decode_params(m: object, spec: ModelSpec | None, where: str) -> Params:
                 raise WireError(
                     "spec_mismatch", f"{where}.{name} has shape {list(arr.shape)}, model needs {list(expected[name])}"
                 )
-            if arr.dtype.str != PARAM_DTYPE:
+            if arr.dtype != _PARAM_NP_DTYPE:
                 # float32 only: a float64 delta could average to values that
                 # overflow when the model is cast back to float32.
                 raise WireError("spec_mismatch", f"{where}.{name} must be {PARAM_DTYPE}, got {arr.dtype.str}")
@@ -420,18 +468,57 @@ def encode(msg: Message) -> bytes:
             "history": [{k: float(v) for k, v in h.items()} for h in msg.history[-MAX_METRICS_HISTORY:]],
         }
     head.update(body)
-    # Sizing msgpack's buffer for the arrays up front saves it growing (and
-    # copying) the buffer while packing a large model.
-    size = 4096 + sum(a.nbytes for a in _arrays_of(msg))
-    return msgpack.Packer(use_bin_type=True, buf_size=size).pack(head)
+    return _pack(head, "params" if isinstance(msg, ModelMsg) else "delta" if isinstance(msg, UpdateMsg) else None)
 
 
-def _arrays_of(msg: Message) -> list[np.ndarray]:
-    if isinstance(msg, ModelMsg):
-        return list(msg.params.values())
-    if isinstance(msg, UpdateMsg):
-        return list(msg.delta.values())
-    return []
+# Array data at least this long is not copied into msgpack's buffer but
+# joined into the payload straight from the array's memory; shorter data is
+# packed by msgpack (cheaper than a join piece).
+_JOIN_MIN_BYTES = 16 * 1024
+
+
+def _pack(head: dict[str, Any], arrays_key: str | None) -> bytes:
+    """``msgpack.packb(head, use_bin_type=True)``, byte for byte, copying array data once.
+
+    msgpack would copy each array's bytes into its buffer and the whole
+    buffer again into the returned bytes. Here msgpack packs everything but
+    the large ``data`` values (the parameter map under ``arrays_key``, as
+    built by :func:`encode_params`); each of those becomes the bin header
+    msgpack would write plus the array's memoryview, and one ``b"".join``
+    copies every piece into the payload.
+    """
+    p = msgpack.Packer(use_bin_type=True, autoreset=False)
+    pieces: list[bytes | memoryview] = []
+    p.pack_map_header(len(head))
+    for key, value in head.items():
+        p.pack(key)
+        if key != arrays_key:
+            p.pack(value)
+            continue
+        p.pack_map_header(len(value))
+        for name, am in value.items():
+            p.pack(name)
+            p.pack_map_header(len(am))
+            for k, v in am.items():
+                p.pack(k)
+                if k == "data" and isinstance(v, memoryview) and v.nbytes >= _JOIN_MIN_BYTES:
+                    pieces += (p.bytes(), _bin_header(v.nbytes), v)
+                    p.reset()
+                else:
+                    p.pack(v)
+    pieces.append(p.bytes())
+    return b"".join(pieces)
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin header msgpack writes for ``n`` bytes (bin 8, 16 or 32, length big-endian)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    if n < 1 << 32:
+        return b"\xc6" + n.to_bytes(4, "big")
+    raise ValueError(f"array data of {n} bytes is too large for msgpack")
 
 
 _KIND_OF = {ModelMsg: "model", TaskMsg: "task", UpdateMsg: "update", StatusMsg: "status", MetricsMsg: "metrics",

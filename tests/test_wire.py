@@ -325,3 +325,212 @@ def test_deltas_must_be_float32_like_the_model():
 @pytest.mark.parametrize("v", [True, 1.0, "1", None])
 def test_version_must_be_the_integer_one(v):
     assert _reason(_pack(_raw_update(v=v))) == "bad_version"
+
+
+# -- wire bytes: identical to the encoder before the single-copy packing (issue 13, item 7)
+
+def _fixed_messages() -> dict[str, wire.Message]:
+    """Messages of every kind with deterministic arrays of every bin size class and layout case."""
+    spec = ModelSpec("mlp", 4, 3, (5,))
+    params = {k: (np.arange(math.prod(s), dtype=np.float32).reshape(s) * 0.25 - 1.0)
+              for k, s in spec.param_shapes().items()}
+    big = (np.arange(1 << 20, dtype=np.float32) % 1000 - 500).reshape(1024, 1024) / 8
+    mixed = {
+        "scalar": np.float32(1.5).reshape(()),
+        "empty": np.zeros((2, 0, 3), np.float64),
+        "f2": np.arange(7, dtype=np.float16),
+        "f8_bin16": np.arange(40, dtype=np.float64),  # 320 bytes: bin 16
+        "u1_bin8": np.arange(255, dtype=np.uint8),  # 255 bytes: bin 8
+        "u1_256": np.arange(256, dtype=np.uint8),  # 256 bytes: bin 16
+        "i8_65535": np.zeros(65535, np.int8),  # largest bin 16, joined from the array
+        "i8_65536": np.ones(65536, np.int8),  # smallest bin 32
+        "be_fortran": np.arange(12, dtype=">f4").reshape(3, 4).T,
+        "strided": np.arange(20, dtype=np.int32)[::3],
+        "u8": np.array([2**64 - 1, 0], np.uint64),
+    }
+    return {
+        "model": wire.ModelMsg("f1", 2, wire.params_version(params), spec, params, run=1_700_000_000_123),
+        "model_mixed": wire.ModelMsg("fed_X-9", 0, "v", spec, mixed),
+        "update_big": wire.UpdateMsg("bench", 1, "agent-0", "0123456789abcdef", 100, {"W0": big},
+                                     {"train_loss": 0.5}),
+        "update": wire.UpdateMsg("f1", 3, "a-1", "abcd", 17, params, {"train_loss": 0.5, "n": 3}),
+        "task": wire.TaskMsg("f1", 3, "abcd", "open", 2, 1700000000.5, ["a-1", "b_2"],
+                             wire.TrainConfig(3, 16, 0.05, 0.01, 1.0, 0.1, "local", 0.5), retry_after=2.5,
+                             mode="async", run=wire.MAX_RUN,
+                             secagg=wire.SecAggParams("secagg+", 3, 16, 20, 2.0, 1.0, 0, 1.5, 0.01, 3.0,
+                                                      "ab" * 32)),
+        "task_plain": wire.TaskMsg("f1", 1, "b"),
+        "status": wire.StatusMsg("f1", 2, "a-1", "online", 120, ["softmax", "mlp"], "0.1.0", False, "on battery"),
+        "metrics": wire.MetricsMsg("f1", 2, "abcd", 7, {"test_accuracy": 0.9, "loss": 1e-3},
+                                   [{"round": 1.0, "acc": 0.5}, {"round": 2.0}]),
+        "keys": wire.KeysMsg("f1", 4, ["0" * 64, "aB" * 32]),
+    }
+
+
+# (length, SHA-256) of wire.encode(msg) as computed by the encoder before this
+# change (msgpack.Packer(use_bin_type=True).pack of the whole map), commit ca998ac.
+_WIRE_VECTORS = {
+    "model": (412, "9a9fac7ca82a214a0f7d4b1f432ad5fe45775043cb3383cd6873cb2cdaf96288"),
+    "model_mixed": (132499, "9c0a302d765c756474c5b32d4d00d199b4da0dc9fcddeb2e265e12aa65dc3b37"),
+    "update_big": (4194459, "32c4e9efa104fdda1510333a01200d531c52f7b75dadaf18831bd203ae88e990"),
+    "update": (400, "dce6746386e2a6b5106e6feb1e897ed0539495b95d9bcb26e88b627ca7c9d5fc"),
+    "task": (480, "8bf31bb31d889094248f1f2d149694f677d82e485680fd7d4709c803d62c2178"),
+    "task_plain": (214, "c007e6944719e7d0ffb1c37138f3a6132fbb1e4e9781c2efaa342901c312e72d"),
+    "status": (135, "cdd2bc591b7f8d0174882ac4b165a219f0e09d685a2b1e56a0eab2f9b1c09322"),
+    "metrics": (158, "4847182d838c283bf0d661261d9af56c00362f517b4314c14d857976e20460f7"),
+    "keys": (166, "3f7c1f6b69b3b2282c910a5ff629d8f84ddf9c71d0d5f66f9b5fe7fbdc36ca12"),
+}
+
+# The same encoder's bytes in full for one small message.
+_STATUS_HEX = (
+    "8ba17601a46b696e64a6737461747573a3666564a26631a5726f756e6402a56167656e74a3612d31a57374617465a66f6e6c696e65"
+    "ab6e756d5f73616d706c657378ac6361706162696c697469657392a7736f66746d6178a36d6c70a8736f667477617265a5302e312e30"
+    "a8656c696769626c65c2a6726561736f6eaa6f6e2062617474657279"
+)
+
+
+@pytest.mark.parametrize("name", sorted(_WIRE_VECTORS))
+def test_encoded_bytes_equal_the_previous_encoder(name):
+    import hashlib
+
+    payload = wire.encode(_fixed_messages()[name])
+    assert type(payload) is bytes
+    assert (len(payload), hashlib.sha256(payload).hexdigest()) == _WIRE_VECTORS[name]
+
+
+def test_encoded_bytes_of_a_small_message_in_full():
+    assert wire.encode(_fixed_messages()["status"]).hex() == _STATUS_HEX
+
+
+@pytest.mark.parametrize("name", sorted(_WIRE_VECTORS))
+def test_encoded_bytes_equal_plain_msgpack_of_the_same_map(name):
+    # Reference encoding: msgpack.packb of the decoded map. Both sides agree
+    # byte for byte only if encode() wrote what msgpack itself would.
+    payload = wire.encode(_fixed_messages()[name])
+    assert msgpack.packb(msgpack.unpackb(payload, raw=False), use_bin_type=True) == payload
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65535, 65536, wire._JOIN_MIN_BYTES - 1, wire._JOIN_MIN_BYTES,
+                               wire._JOIN_MIN_BYTES + 1, 300_000])
+def test_bin_header_is_msgpacks_and_update_of_every_size_matches_plain_msgpack(n):
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    assert wire._bin_header(n) + data == msgpack.packb(data, use_bin_type=True)
+    delta = {"a": np.frombuffer(data, np.uint8), "b": np.arange(n // 8, dtype="<i8"), "c": np.ones(3, np.float32)}
+    payload = wire.encode(_update(delta=delta))
+    assert msgpack.packb(msgpack.unpackb(payload, raw=False), use_bin_type=True) == payload
+    back = wire.decode(payload)
+    assert all(np.array_equal(back.delta[k], v) for k, v in delta.items())
+
+
+def test_bin_header_refuses_what_msgpack_cannot_frame():
+    with pytest.raises(ValueError):
+        wire._bin_header(1 << 32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.text("abcXYZ_0", min_size=1, max_size=4),
+        hnp.arrays(
+            dtype=st.sampled_from([np.float16, np.float32, np.float64, np.uint8, np.int64, np.dtype(">f4")]),
+            shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40),
+            elements={"allow_nan": False, "allow_infinity": False},
+        ),
+        max_size=4,
+    )
+)
+def test_encode_equals_plain_msgpack_of_the_wire_map(params):
+    msg = wire.ModelMsg("f1", 1, "v", SPEC, params)
+    reference = msgpack.packb(
+        {"v": wire.WIRE_VERSION, "kind": "model", "fed": "f1", "round": 1, "version": "v", "spec": SPEC.to_wire(),
+         "params": wire.encode_params(params), "run": 0},
+        use_bin_type=True,
+    )
+    assert wire.encode(msg) == reference
+
+
+# -- the NaN/Inf check: exact, including its fast path's overflow fallback
+
+@pytest.mark.parametrize("dtype,huge", [(np.float16, 65504.0), (np.float32, 3.4e38), (np.float64, 1.7e308)])
+def test_huge_finite_values_whose_sum_overflows_are_accepted(dtype, huge):
+    # The fast check sums in the array's dtype; these sums overflow to ±Inf
+    # (or NaN, +Inf + -Inf) and must fall back to the exact test, not reject.
+    for arr in (np.full(100_000, huge, dtype), np.full(9, -huge, dtype),
+                np.tile(np.array([huge, -huge, huge], dtype), 20_000).reshape(3, -1)):
+        assert np.isinf(np.einsum("i->", arr.reshape(-1))) or np.isnan(np.einsum("i->", arr.reshape(-1)))
+        back = wire.decode_array(msgpack.unpackb(_pack(wire.encode_array(arr)), raw=False))
+        assert back.tobytes() == arr.tobytes()
+
+
+@pytest.mark.parametrize("dtype,huge", [(np.float16, 65504.0), (np.float32, 3.4e38), (np.float64, 1.7e308)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "nan_and_inf", "inf_and_minus_inf"])
+@pytest.mark.parametrize("n", [1, 7, 8192, 100_003])
+def test_non_finite_values_anywhere_are_refused_even_among_huge_ones(dtype, huge, bad, n):
+    for where in sorted({0, n // 2, n - 1}):
+        for fill in (0.5, huge):
+            a = np.full(n, fill, dtype)
+            if bad == "nan_and_inf":
+                a[where], a[0] = np.nan, np.inf
+            elif bad == "inf_and_minus_inf":
+                a[where], a[0] = -np.inf, np.inf
+            else:
+                a[where] = bad
+            assert not wire._all_finite(a)
+            m = msgpack.unpackb(_pack(wire.encode_array(a)), raw=False)
+            with pytest.raises(wire.WireError) as e:
+                wire.decode_array(m)
+            assert e.value.reason == "non_finite"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=50),
+        elements={"allow_nan": True, "allow_infinity": True, "allow_subnormal": True},
+    )
+)
+def test_finite_check_agrees_with_numpy_isfinite(arr):
+    expected = bool(np.isfinite(arr).all())
+    assert wire._all_finite(np.ascontiguousarray(arr)) is expected
+    assert wire._all_finite(arr.T) is expected  # not C-contiguous: the exact path
+    m = msgpack.unpackb(_pack(wire.encode_array(arr)), raw=False)
+    if expected:
+        assert wire.decode_array(m).tobytes() == np.ascontiguousarray(arr).tobytes()
+    else:
+        with pytest.raises(wire.WireError):
+            wire.decode_array(m)
+
+
+def test_misaligned_float_arrays_take_the_exact_path():
+    good = np.frombuffer(b"\0" + np.full(10_000, 3.0e38, np.float32).tobytes(), np.float32, offset=1)
+    assert not good.flags.aligned and wire._all_finite(good)
+    bad = good.copy()
+    bad[5_000] = -np.inf
+    bad = np.frombuffer(b"\0" + bad.tobytes(), np.float32, offset=1)
+    assert not wire._all_finite(bad)
+
+
+# -- decoded arrays are safe to hand out
+
+def test_decoded_arrays_are_read_only_and_do_not_share_the_callers_buffer():
+    payload = bytearray(wire.encode(_update()))
+    msg = wire.decode(payload, spec=SPEC)
+    want = {k: a.copy() for k, a in msg.delta.items()}
+    for a in msg.delta.values():
+        assert not a.flags.writeable
+        with pytest.raises(ValueError):
+            a[...] = 0
+        with pytest.raises(ValueError):
+            a.setflags(write=True)
+        assert isinstance(a.base, bytes)  # immutable memory nobody else holds
+    payload[:] = bytes(len(payload))  # the caller reuses its buffer
+    for k, a in msg.delta.items():
+        np.testing.assert_array_equal(a, want[k])
+
+
+def test_encode_shares_no_memory_with_the_message():
+    d = _params()
+    payload = wire.encode(_update(delta=d))
+    d["W0"][...] = 7  # changing the arrays afterwards does not change the payload
+    assert wire.decode(payload).delta["W0"][0, 0] != 7
