@@ -16,13 +16,11 @@ from edge_agent.model_api import ModelError
 from edge_agent.mqtt import Loop
 from edge_agent.systemd import notify, start_watchdog
 
-from .argtypes import positive_float, positive_int
+from .argtypes import positive_float, positive_int, procs
 from .broker import BrokerError
 from .config import AggregatorConfig
-from .datasets import DATASETS, federated_digits, federated_synthetic
+from .datasets import DATASETS, DataSpec
 from .partition import PARTITIONS, PartitionError
-from .privacy_cli import privacy_main
-from .provision import provision_main
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +98,9 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--adaptive-clip", action="store_true", help="DP: adapt the clip norm (Andrew et al. 2021)")
     p.add_argument("--secagg", choices=("off", "secagg", "secagg+"), default=d.secagg,
                    help="secure aggregation: the aggregator and the broker see only the sum of the updates")
+    p.add_argument("--procs", type=procs, default=d.procs, metavar="K",
+                   help="run the agents in K worker processes (as `fedmqtt sim --procs`; 1: on one thread of this "
+                   "process; default 0 = auto, see README); the results are the same whatever K")
     p.add_argument("--out", default=d.out, help="output directory (default ./fedmqtt-out)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
@@ -112,11 +113,17 @@ def demo_main(argv: list[str]) -> int:
         model=a.model, hidden=hidden, agents=a.agents, rounds=a.rounds, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, partition=a.partition, alpha=a.alpha, seed=a.seed,
         out=a.out, broker=a.broker, mode=a.mode, buffer=a.buffer, dp=a.dp, noise=a.noise, clip=a.clip, secagg=a.secagg,
-        expected=a.expected, budget=a.budget, adaptive_clip=a.adaptive_clip,
+        expected=a.expected, budget=a.budget, adaptive_clip=a.adaptive_clip, procs=a.procs,
     )
     # systemd, `timeout` or a terminal closing send SIGTERM: clean up exactly as for Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    run_demo(opts)
+    from .sim import WorkerError
+
+    try:
+        run_demo(opts)
+    except WorkerError as exc:  # an agent worker process died (run_demo stopped the others)
+        sys.stderr.write(f"fedmqtt demo: error: {exc}\n")
+        return exc.exit_code
     return 0
 
 
@@ -167,16 +174,19 @@ def aggregator_main(argv: list[str]) -> int:
              cfg.federation, cfg.broker.host, cfg.broker.port, cfg.state_dir)
     loop.run()
     if service.fatal is not None:
-        sys.stderr.write(f"fedmqtt aggregator: config error: broker: {service.fatal}\n")
-        return 2
+        # A refusal by the broker is configuration (2: systemd does not restart); a disk error may pass (1).
+        refused = service.fatal.startswith("broker: ")
+        sys.stderr.write(f"fedmqtt aggregator: {'config error' if refused else 'error'}: {service.fatal}\n")
+        return 2 if refused else 1
     return 0
 
 
 def sim_main(argv: list[str]) -> int:
-    """``fedmqtt sim``: N simulated agents, one thread, against a running broker."""
-    from .sim import Simulation
+    """``fedmqtt sim``: N simulated agents against a running broker, on one thread or over K processes."""
+    from .sim import ProcessSimulation, Simulation, resolve_procs
 
-    p = argparse.ArgumentParser(prog="fedmqtt sim", description="Run N simulated agents in one process.")
+    p = argparse.ArgumentParser(prog="fedmqtt sim", description="Run N simulated agents in one process, "
+                                "or spread over worker processes (--procs).")
     p.add_argument("--federation", "--fed", default="demo")
     p.add_argument("--agents", type=positive_int, default=10)
     p.add_argument("--dataset", choices=DATASETS, default="digits")
@@ -189,13 +199,19 @@ def sim_main(argv: list[str]) -> int:
                    help="exit when the federation finishes (as on `fedmqtt agent`: bare, or true/false)")
     p.add_argument("--prefix", default="agent", help="agent ids are PREFIX-000, PREFIX-001, ...")
     p.add_argument("--train-delay", type=float, default=0.0, help="simulated compute seconds per training")
+    p.add_argument("--procs", type=procs, default=1, metavar="K",
+                   help="spread the agents over K worker processes, each with its own loop (0 or auto: one per "
+                   "core; never more than --agents). Agent i gets the same data and seed whatever K, so the "
+                   "federation computes the same model. Default 1: all agents on one thread of this process")
     p.add_argument("-v", "--verbose", action="count", default=1)
     a, broker = _client_broker(p, argv)  # --broker HOST:PORT and the --broker-* TLS and login flags
     setup_logging(a.verbose)
-    if a.dataset == "digits":
-        data = federated_digits(a.agents, a.partition, a.alpha, a.seed, a.holdout)
-    else:
-        data = federated_synthetic(a.agents, a.alpha, a.beta, a.seed)
+    spec = DataSpec(a.agents, a.dataset, a.partition, a.alpha, a.beta, a.seed, a.holdout)
+    workers = resolve_procs(a.procs, a.agents)
+    if workers > 1:
+        return _sim_processes(ProcessSimulation(broker, a.federation, spec, workers, seed=a.seed, prefix=a.prefix,
+                                                train_delay=a.train_delay, exit_when_done=a.exit_when_done))
+    data = spec.build()
     sim = Simulation(broker, a.federation, data.agents, seed=a.seed, loop=Loop(),
                      prefix=a.prefix, train_delay=a.train_delay)
     stop_on_signals(sim.loop.stop)
@@ -207,6 +223,26 @@ def sim_main(argv: list[str]) -> int:
             sim.loop.thread.join(0.5)
     finally:
         sim.stop()
+    return 0
+
+
+def _sim_processes(sims) -> int:
+    """``fedmqtt sim --procs K``: supervise the workers; SIGINT/SIGTERM stop them all, a dead one fails the run."""
+    from .sim import WorkerError
+
+    stop = threading.Event()
+    stop_on_signals(stop.set)
+    log.info("%d agents over %d worker processes", sims.agents, sims.procs)
+    try:
+        sims.start()
+        while not stop.is_set():
+            if sims.wait(0.25) and sims.exit_when_done:
+                break
+    except WorkerError as exc:
+        sys.stderr.write(f"fedmqtt sim: error: {exc}\n")
+        return exc.exit_code
+    finally:
+        sims.stop()
     return 0
 
 
@@ -316,6 +352,20 @@ def status_main(argv: list[str]) -> int:
     sys.stdout.write(render(view))
     # 1: the broker answered but holds nothing of this federation (a wrong name, or another broker)
     return 1 if view.model is None and view.task is None and not view.agents else 0
+
+
+def privacy_main(argv: list[str]) -> int:
+    """``fedmqtt privacy`` (dp-accounting and scipy load here, never for the other commands)."""
+    from .privacy_cli import privacy_main as run
+
+    return run(argv)
+
+
+def provision_main(argv: list[str]) -> int:
+    """``fedmqtt provision``."""
+    from .provision import provision_main as run
+
+    return run(argv)
 
 
 def dashboard_main(argv: list[str]) -> int:

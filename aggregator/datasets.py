@@ -37,6 +37,32 @@ class FederatedData:
         return np.concatenate([a.y_train for a in self.agents])
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """How to build a simulation's data: a few numbers, not arrays.
+
+    ``fedmqtt sim --procs K`` sends this to each worker process, which builds
+    the same :class:`FederatedData` and keeps only its own agents' part, so
+    agent i gets the data it gets in one process. ``holdout`` applies to
+    digits; Synthetic always keeps each device's 10% (as ``fedmqtt sim`` does).
+    """
+
+    agents: int
+    dataset: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    beta: float = 0.5
+    seed: int = 0
+    holdout: float = 0.0
+
+    def build(self) -> FederatedData:
+        if self.dataset == "digits":
+            return federated_digits(self.agents, self.partition, self.alpha, self.seed, self.holdout)
+        if self.dataset == "synthetic":
+            return federated_synthetic(self.agents, self.alpha, self.beta, self.seed)
+        raise ValueError(f"unknown dataset {self.dataset!r} (expected one of {', '.join(DATASETS)})")
+
+
 def load_digits_split(seed: int = 0, test_size: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Digits scaled to [0, 1] (X/16), 80/20 stratified split with ``seed``."""
     from sklearn.datasets import load_digits  # the demo extra; only the simulator needs it

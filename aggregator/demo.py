@@ -39,11 +39,11 @@ from .config import (
     TrainingConfig,
 )
 from .coordinator import RoundClosed, RoundSummary
-from .datasets import federated_digits
+from .datasets import DataSpec, federated_digits
 from .metrics_log import write_csv
 from .onnx_export import to_onnx_bytes
 from .service import AggregatorService
-from .sim import Simulation
+from .sim import ProcessSimulation, Simulation, resolve_procs
 
 # The demo's rounds take milliseconds; a round that is still open after this
 # long means agents died, and the demo should say so rather than hang.
@@ -57,6 +57,28 @@ BASELINE_EPOCHS = 100
 # inside 2 (largest seen: about 0.6), and 16 bits over [-2, 2] is a step of 6e-5.
 SECAGG_DEMO_RANGE = 2.0
 BASELINE_SEED = 0
+# With agent worker processes, how often the demo looks for one that died while it waits for a round.
+CHECK_EVERY_S = 0.5
+# --procs auto: below this many agent trainings (agents x rounds) the agents stay on
+# one thread here. A worker costs about 1 s of CPU to start (interpreter, numpy,
+# scikit-learn and the digits split) while a default demo (10 x 20 = 200) computes
+# its whole federation in about 1 s: with 2 workers it took 3.2-5.4 s, with one
+# thread 1.9-4.3 s. Around 1000 the two break even, at 2000 workers win (measured
+# on 2 cores: docs/benchmarks.md, "Simulator over processes").
+AUTO_PROCS_MIN_WORK = 1000
+
+
+def demo_procs(opts: "DemoOptions") -> int:
+    """Agent worker processes: ``opts.procs``, or for 0 (auto) one per core when the run is long enough.
+
+    Never more than the agents; 1 on a one-core machine. Whatever the
+    count, the federation computes the same model.
+    """
+    if opts.procs:
+        return resolve_procs(opts.procs, opts.agents)
+    if opts.agents * opts.rounds < AUTO_PROCS_MIN_WORK:
+        return 1
+    return resolve_procs(0, opts.agents)
 
 
 @dataclass
@@ -86,6 +108,9 @@ class DemoOptions:
     adaptive_clip: bool = False
     secagg: str = "off"  # off | secagg | secagg+: the aggregator sees only the sum of the updates
     secagg_range: float = SECAGG_DEMO_RANGE
+    # Agent worker processes (fedmqtt sim --procs): 1 = all agents on one thread of
+    # this process; 0 = auto (demo_procs). The model is the same whatever it is.
+    procs: int = 0
 
 
 @dataclass
@@ -123,11 +148,13 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         f"({opts.partition}{f' alpha={opts.alpha}' if opts.partition == 'dirichlet' else ''}; "
         f"smallest {min(sizes)}, largest {max(sizes)}), {len(data.y_test)} central test samples\n"
     )
-    baseline = centralized_baseline(opts, data.X_train_pooled, data.y_train_pooled, data.X_test, data.y_test)
+    procs = demo_procs(opts)
 
     broker: LocalBroker | None = None
     loops: list[Loop] = []
     sim: Simulation | None = None
+    workers: ProcessSimulation | None = None
+    check = None
     events: queue.Queue = queue.Queue()
     with tempfile.TemporaryDirectory(prefix="fedmqtt-demo-state-") as state_dir:
         try:
@@ -140,6 +167,14 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 host, port = broker.host, broker.port
                 out.write(f"broker: private mosquitto on {broker.address}\n")
             bcfg = BrokerConfig(host=host, port=port)
+            if procs > 1:
+                # Started first: they import and build their data while the baseline trains here.
+                spec = DataSpec(opts.agents, "digits", opts.partition, opts.alpha, seed=opts.seed)
+                workers = ProcessSimulation(bcfg, opts.federation, spec, procs, seed=opts.seed)
+                workers.start()
+                check = lambda: workers.wait(0)  # noqa: E731 - raises WorkerError if one died
+                out.write(f"agents: {opts.agents} over {procs} worker processes\n")
+            baseline = centralized_baseline(opts, data.X_train_pooled, data.y_train_pooled, data.X_test, data.y_test)
             config = AggregatorConfig(
                 federation=opts.federation,
                 rounds=opts.rounds,
@@ -178,14 +213,17 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             )
             service.start()
             agg_loop.start(name="fedmqtt-aggregator")
-            sim = Simulation(bcfg, opts.federation, data.agents, seed=opts.seed)
-            loops.append(sim.loop)
-            sim.start()
-            summaries = _follow(events, opts.rounds, out)
+            if workers is None:
+                sim = Simulation(bcfg, opts.federation, data.agents, seed=opts.seed)
+                loops.append(sim.loop)
+                sim.start()
+            summaries = _follow(events, opts.rounds, out, check)
             final = service.coordinator.params
         finally:
             if sim is not None:
                 sim.stop()
+            if workers is not None:
+                workers.stop()
             for lp in loops:
                 lp.stop()
                 if lp.thread is not None:
@@ -212,17 +250,27 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     return result
 
 
-def _follow(events: queue.Queue, rounds: int, out: TextIO) -> list[RoundSummary]:
-    """Print one line per closed round until the federation finishes."""
+def _follow(events: queue.Queue, rounds: int, out: TextIO, check=None) -> list[RoundSummary]:
+    """Print one line per closed round until the federation finishes.
+
+    ``check()``, called while waiting, raises if the agents cannot go on (a worker process died).
+    """
     summaries: list[RoundSummary] = []
     tty = out.isatty()
     while True:
-        try:
-            ev = events.get(timeout=ROUND_TIMEOUT_S * 2)
-        except queue.Empty:
-            raise RuntimeError(
-                f"no round closed in {ROUND_TIMEOUT_S * 2:.0f}s after round {len(summaries)}; the agents stalled"
-            ) from None
+        deadline = time.monotonic() + ROUND_TIMEOUT_S * 2
+        ev = None
+        while ev is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(
+                    f"no round closed in {ROUND_TIMEOUT_S * 2:.0f}s after round {len(summaries)}; the agents stalled"
+                )
+            try:
+                ev = events.get(timeout=min(left, CHECK_EVERY_S) if check is not None else left)
+            except queue.Empty:
+                if check is not None:
+                    check()
         if isinstance(ev, RoundClosed):
             s = ev.summary
             summaries.append(s)

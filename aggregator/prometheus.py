@@ -119,8 +119,12 @@ class PrometheusExporter:
         self._not_eligible = Gauge("fedmqtt_agents_not_eligible",
                                    "Online agents that may not be selected, by the reason code of their status",
                                    ["federation", "reason"], registry=self.registry)
-        self.journal = histogram("fedmqtt_journal_append_seconds", "Seconds per journal append (write + fsync)",
+        self.journal = histogram("fedmqtt_journal_append_seconds",
+                                 "Seconds per journal append (the write; fsyncs are fedmqtt_journal_fsync_seconds)",
                                  JOURNAL_BUCKETS)
+        self.journal_sync = histogram("fedmqtt_journal_fsync_seconds",
+                                      "Seconds per journal fsync (one per group of records written together)",
+                                      JOURNAL_BUCKETS)
         self.checkpoint = histogram("fedmqtt_checkpoint_save_seconds", "Seconds per checkpoint save",
                                     CHECKPOINT_BUCKETS)
         self.onnx_failures = counter("fedmqtt_onnx_export_failures", "ONNX exports that failed since start")
@@ -163,6 +167,9 @@ class PrometheusExporter:
 
     def observe_journal(self, seconds: float) -> None:
         self.journal.observe(seconds)
+
+    def observe_journal_sync(self, seconds: float) -> None:
+        self.journal_sync.observe(seconds)
 
     def observe_checkpoint(self, seconds: float) -> None:
         self.checkpoint.observe(seconds)

@@ -4,6 +4,14 @@ Thin by design: paho messages become :meth:`Coordinator.receive` calls, a
 periodic timer becomes :meth:`Coordinator.tick`, and the returned actions are
 carried out in order (checkpoint first, then publishes). All of it runs on
 one :class:`~edge_agent.mqtt.Loop` thread.
+
+Group commit: journal records are written without fsync and made durable
+together, by one fsync, before anything leaves the process that depends on
+them: before any publish or notification, at the end of a timer's or a
+connect's actions, and, for the messages of one read pass, in
+:meth:`AggregatorService.flush`, which the connection calls before it sends
+their acks. So "acknowledged => durable" holds with one fsync per read pass
+instead of one per update.
 """
 
 from __future__ import annotations
@@ -160,6 +168,10 @@ class AggregatorService:
 
     def on_fatal(self, conn: Connection, problem: str) -> None:
         """The broker refused us for good (login, a second aggregator on our client id): stop."""
+        self._stop_for_good(f"broker: {problem}")
+
+    def _stop_for_good(self, problem: str) -> None:
+        """Stop serving; ``fatal`` says why ("broker: ..." for a refusal, "journal ..." for a disk error)."""
         self.fatal = problem
         if self.fatal_callback is not None:
             self.fatal_callback(problem)
@@ -192,7 +204,8 @@ class AggregatorService:
             self._execute([c.model_publish(), *([self.onnx.last] if self.onnx and self.onnx.last else [])])
 
     def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
-        self._execute(self.coordinator.receive(topic, payload, self.clock()))
+        # Records are made durable by flush(), once for the read pass, before the acks.
+        self._execute(self.coordinator.receive(topic, payload, self.clock()), defer_sync=True)
         if self.exporter is not None:
             kind, agent = self.coordinator.topics.parse(topic)
             if kind == "status" and agent is not None:
@@ -229,12 +242,45 @@ class AggregatorService:
             return None
         return Publish(self.coordinator.topics.metrics_json, body, qos=1, retain=True, content_type="application/json")
 
-    def _execute(self, actions: list[Action]) -> None:
+    def flush(self, conn: Connection | None = None) -> None:
+        """Make every journal record written so far durable (one fsync): the Connection calls this before acks."""
+        if self.journal.unsynced_records == 0 and self.journal.failed is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.journal.sync()
+        except OSError as exc:
+            self._journal_failed(exc)
+            raise
+        if self.exporter is not None:
+            self.exporter.observe_journal_sync(time.perf_counter() - t0)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        """A journal write or fsync failed: nothing more can be made durable, so stop (unacknowledged)."""
+        if self.fatal is not None:
+            return
+        self._stop_for_good(f"journal {self.journal.path}: {exc.strerror or exc}: stopped; the messages "
+                                 "it could not make durable were not acknowledged (the broker delivers them again)")
+
+    def _execute(self, actions: list[Action], defer_sync: bool = False) -> None:
+        """Carry out the coordinator's actions in order.
+
+        A Journal record is written at once and made durable (with the
+        records before it) before the next action that is not another record
+        or a checkpoint, and at the end unless ``defer_sync`` (a message's
+        actions: :meth:`flush` then runs before its ack).
+        """
         ex = self.exporter
         for a in actions:
+            if not isinstance(a, (Journal, SaveCheckpoint)):
+                self.flush()  # nothing leaves the process before the records it follows are durable
             if isinstance(a, Journal):
                 t0 = time.perf_counter()
-                self.journal.append(a.record)
+                try:
+                    self.journal.append(a.record, sync=False)
+                except OSError as exc:
+                    self._journal_failed(exc)
+                    raise
                 if ex is not None:
                     ex.observe_journal(time.perf_counter() - t0)
             elif isinstance(a, SaveCheckpoint):
@@ -272,6 +318,8 @@ class AggregatorService:
                     ex.sync(self)
                 if self.on_finished is not None:
                     self.on_finished(a)
+        if not defer_sync:
+            self.flush()
         if ex is not None:
             ex.sync(self)  # after every batch: the counters stay exactly the coordinator's
 

@@ -46,7 +46,15 @@ Everything runs in one interpreter on one machine, so the agents' work
 (decode, train, encode) shares the CPU and the GIL with the aggregator's;
 on real devices it would run in parallel.
 
-Run: ``.venv/bin/python bench/bench_rounds.py [--rounds 10] [--agents 100 10] [--no-breakdown]``
+``--procs 1 2``: every federation once per value, one after the other in
+the same run: 1 is the ``Simulation`` above; K > 1 is a
+``ProcessSimulation`` (``fedmqtt sim --procs K``): the N agents over K
+worker processes, each with its own Loop, the aggregator still here. Their
+start-up falls in the warm-up round. "CPU s/round" then adds the workers'
+CPU (from /proc). Agents compute the same updates whatever K, so the rows
+differ only in time. The TCP_NODELAY diagnostic runs with --procs 1 only.
+
+Run: ``.venv/bin/python bench/bench_rounds.py [--rounds 10] [--agents 100 10] [--procs 1 2] [--no-breakdown]``
 """
 
 from __future__ import annotations
@@ -70,11 +78,11 @@ from aggregator import checkpoint
 from aggregator.broker import REPO_CONF, LocalBroker
 from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
 from aggregator.coordinator import RoundClosed
-from aggregator.datasets import FederatedData, federated_digits
+from aggregator.datasets import DataSpec, FederatedData, federated_digits
 from aggregator.journal import JournalFile
 from aggregator.onnx_publish import OnnxPublisher
 from aggregator.service import AggregatorService
-from aggregator.sim import Simulation
+from aggregator.sim import ProcessSimulation, Simulation
 from edge_agent import wire
 from edge_agent.config import BrokerConfig
 from edge_agent.models import BuiltinModel
@@ -98,6 +106,7 @@ class FedRun:
     agents: int
     epochs: int
     nodelay: bool
+    procs: int
     seconds: list[float]  # RoundSummary.seconds
     gaps: list[float]  # perf_counter between on_round callbacks, same rounds
     cpu_self: float  # CPU s of this process per round (median of the per-round deltas)
@@ -113,6 +122,10 @@ class FedRun:
     @property
     def label(self) -> str:
         return "TCP_NODELAY" if self.nodelay else "default"
+
+    @property
+    def key(self) -> tuple[int, bool, int]:
+        return self.agents, self.nodelay, self.procs
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -134,18 +147,29 @@ def set_nodelay(conn: Connection) -> None:
 
 
 def run_federation(
-    broker: LocalBroker, data: FederatedData, training: TrainingConfig, rounds: int, nodelay: bool = False
+    broker: LocalBroker, data: FederatedData, training: TrainingConfig, rounds: int, nodelay: bool = False,
+    procs: int = 1,
 ) -> FedRun:
-    """Run rounds + WARMUP_ROUNDS rounds of one federation; return the counted ones."""
+    """Run rounds + WARMUP_ROUNDS rounds of one federation; return the counted ones.
+
+    ``procs`` > 1: the agents in that many worker processes, built from the
+    DataSpec of ``federated_digits(n, "iid", 0.5, 0)`` (the same data).
+    """
     n = len(data.agents)
-    fed = f"bench-rounds-{n}a-e{training.epochs}{'-nd' if nodelay else ''}-{os.getpid()}"
+    fed = f"bench-rounds-{n}a-e{training.epochs}{'-nd' if nodelay else ''}-p{procs}-{os.getpid()}"
     bcfg = BrokerConfig(host=broker.host, port=broker.port)
     assert broker.proc is not None
+    assert not (nodelay and procs > 1), "the TCP_NODELAY diagnostic sets sockets of this process only"
     broker_pid = broker.proc.pid
     events: queue.Queue = queue.Queue()
+    worker_pids: list[int] = []
+
+    def cpu_self() -> float:
+        """CPU s of this process plus its agent workers."""
+        return time.process_time() + sum(proc_cpu_seconds(pid) for pid in worker_pids)
 
     def on_round(ev: RoundClosed) -> None:
-        events.put((time.perf_counter(), time.process_time(), proc_cpu_seconds(broker_pid), ev.summary))
+        events.put((time.perf_counter(), cpu_self(), proc_cpu_seconds(broker_pid), ev.summary))
 
     with tempfile.TemporaryDirectory(prefix="fedmqtt-bench-state-") as state_dir:
         cfg = AggregatorConfig(
@@ -159,7 +183,11 @@ def run_federation(
         )
         agg_loop = Loop()
         service = AggregatorService(cfg, agg_loop, on_round=on_round, on_finished=lambda r: events.put(None))
-        sim = Simulation(bcfg, fed, data.agents, seed=0)
+        sim: Simulation | ProcessSimulation
+        if procs > 1:
+            sim = ProcessSimulation(bcfg, fed, DataSpec(n, "digits", "iid", 0.5, seed=0), procs, seed=0)
+        else:
+            sim = Simulation(bcfg, fed, data.agents, seed=0)
         if nodelay:
             for conn in [service.conn, *(r.conn for r in sim.runners)]:
                 set_nodelay(conn)
@@ -167,8 +195,10 @@ def run_federation(
         service.start()
         agg_loop.start(name="bench-aggregator")
         sim.start()
+        if isinstance(sim, ProcessSimulation):
+            worker_pids.extend(w.process.pid for w in sim.workers)
         try:
-            while (ev := _next_event(events, fed, len(closed), service)) is not None:
+            while (ev := _next_event(events, fed, len(closed), service, sim)) is not None:
                 closed.append(ev)
         finally:
             sim.stop()
@@ -182,6 +212,7 @@ def run_federation(
         agents=n,
         epochs=training.epochs,
         nodelay=nodelay,
+        procs=procs,
         seconds=[ev[3].seconds for ev in counted],
         gaps=[b[0] - a[0] for a, b in pairs],
         cpu_self=statistics.median(b[1] - a[1] for a, b in pairs),
@@ -192,32 +223,39 @@ def run_federation(
     )
 
 
-def _next_event(events: queue.Queue, fed: str, closed: int, service: AggregatorService):
-    try:
-        return events.get(timeout=STALL_S)
-    except queue.Empty:
-        raise SystemExit(
-            f"{fed}: no round closed within {STALL_S:.0f}s after round {closed} "
-            f"(rejected: {dict(service.coordinator.rejected)})"
-        ) from None
+def _next_event(events: queue.Queue, fed: str, closed: int, service: AggregatorService, sim):
+    end = time.monotonic() + STALL_S
+    while time.monotonic() < end:
+        try:
+            return events.get(timeout=0.5)
+        except queue.Empty:
+            if isinstance(sim, ProcessSimulation):
+                sim.wait(0)  # a dead worker raises WorkerError: no point waiting for the stall
+    raise SystemExit(
+        f"{fed}: no round closed within {STALL_S:.0f}s after round {closed} "
+        f"(rejected: {dict(service.coordinator.rejected)})"
+    )
 
 
 def check_run(run: FedRun) -> None:
     """Refuse to report a federation where not every agent took part in every counted round."""
     if any(p != run.agents for p in run.participants) or run.rejected:
         raise SystemExit(
-            f"{run.agents} agents, epochs {run.epochs} ({run.label}): participants {run.participants}, "
+            f"{run.agents} agents, epochs {run.epochs} ({run.label}, procs {run.procs}): "
+            f"participants {run.participants}, "
             f"rejected {run.rejected}"
         )
 
 
-def run_all(broker: LocalBroker, datas: dict[int, FederatedData], rounds: int, nodelay: bool) -> list[FedRun]:
+def run_all(broker: LocalBroker, datas: dict[int, FederatedData], rounds: int, nodelay: bool,
+            procs: tuple[int, ...] = (1,)) -> list[FedRun]:
     runs = []
     for data in datas.values():
         for training in (UNTRAINED, TRAINED):
-            run = run_federation(broker, data, training, rounds, nodelay)
-            check_run(run)
-            runs.append(run)
+            for k in procs:  # back to back, so the --procs values of one row see the same machine
+                run = run_federation(broker, data, training, rounds, nodelay, k)
+                check_run(run)
+                runs.append(run)
     return runs
 
 
@@ -279,27 +317,42 @@ def fmt_s(x: float) -> str:
 
 def print_rounds(runs: list[FedRun]) -> None:
     """One row per federation."""
-    print(f"{'agents':>6} {'epochs':>6} {'sockets':<12} {'best s/round':>12} {'median s/round':>14} "
+    print(f"{'agents':>6} {'epochs':>6} {'procs':>5} {'sockets':<12} {'best s/round':>12} {'median s/round':>14} "
           f"{'rounds/s':>9} {'CPU s/round':>11} {'broker CPU':>10}")
     for r in runs:
         t = r.timing
-        print(f"{r.agents:>6} {r.epochs:>6} {r.label:<12} {fmt_s(t.best):>12} {fmt_s(t.median):>14} "
+        print(f"{r.agents:>6} {r.epochs:>6} {r.procs:>5} {r.label:<12} {fmt_s(t.best):>12} {fmt_s(t.median):>14} "
               f"{1 / t.median:>9.2f} {fmt_s(r.cpu_self):>11} {fmt_s(r.cpu_broker):>10}")
     worst = max(abs(statistics.median(r.gaps) / r.timing.median - 1) for r in runs)
     print(f"({runs[0].timing.runs} counted rounds per row after {WARMUP_ROUNDS} warm-up round. s/round: "
           f"RoundSummary.seconds; the on_round gaps agree within {worst:.1%} (medians). rounds/s = 1 / median. "
-          "CPU s/round: this process (aggregator + agents), median; broker CPU: mosquitto, mean)")
+          "CPU s/round: this process (aggregator + agents) plus the agent workers (procs > 1), median; "
+          "broker CPU: mosquitto, mean)")
+
+
+def print_procs(runs: list[FedRun]) -> None:
+    """Per agent count and epochs: each --procs value against --procs 1 of the same run."""
+    for r in runs:
+        same = (r.agents, r.epochs, r.nodelay, 1)
+        base = next((b for b in runs if (b.agents, b.epochs, b.nodelay, b.procs) == same), None)
+        if r.procs == 1 or base is None:
+            continue
+        print(f"{r.agents:>4} agents, epochs {r.epochs}, {r.label}: --procs {r.procs} {r.timing.median:.4f} s/round "
+              f"against --procs 1 {base.timing.median:.4f} (median): x{base.timing.median / r.timing.median:.2f} "
+              f"the rounds per second; best x{base.timing.best / r.timing.best:.2f}")
 
 
 def print_differences(runs: list[FedRun]) -> None:
-    """Per agent count and socket setting: what training adds, and the protocol share."""
-    keys = dict.fromkeys((r.agents, r.nodelay) for r in runs)
-    for n, nodelay in keys:
-        by = {r.epochs: r for r in runs if (r.agents, r.nodelay) == (n, nodelay)}
+    """Per agent count, socket setting and procs: what training adds, and the protocol share."""
+    keys = dict.fromkeys(r.key for r in runs)
+    for key in keys:
+        by = {r.epochs: r for r in runs if r.key == key}
         if 0 not in by or TRAINED.epochs not in by:
             continue
         base, trained = by[0].timing, by[TRAINED.epochs].timing
-        print(f"{n:>4} agents, {by[0].label:<11}: training adds {trained.median - base.median:+.4f} s (median), "
+        n, procs = key[0], key[2]
+        print(f"{n:>4} agents, {by[0].label:<11}, procs {procs}: "
+              f"training adds {trained.median - base.median:+.4f} s (median), "
               f"{trained.best - base.best:+.4f} s (best); zero-epoch / trained round = "
               f"{base.median / trained.median:.0%} (median), {base.best / trained.best:.0%} (best)")
 
@@ -327,10 +380,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=10, help="counted rounds per federation (default 10)")
     p.add_argument("--agents", type=int, nargs="+", default=[100, 10], help="agent counts (default: 100 10)")
+    p.add_argument("--procs", type=int, nargs="+", default=[1],
+                   help="agent worker processes, each value in turn (default: 1, all agents on one thread here)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the disk timings and the TCP_NODELAY runs")
     args = p.parse_args()
-    if args.rounds < 1 or min(args.agents) < 1:
-        p.error("--rounds and every --agents count must be >= 1")
+    if args.rounds < 1 or min(args.agents) < 1 or min(args.procs) < 1:
+        p.error("--rounds, every --agents count and every --procs value must be >= 1")
+    if 1 not in args.procs and not args.no_breakdown:
+        p.error("the breakdown compares with --procs 1: add 1 to --procs, or pass --no-breakdown")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(machine_line())
     t0 = time.perf_counter()
@@ -340,7 +397,7 @@ def main() -> None:
         print(f"{n} agents: digits iid, {sum(sizes)} training samples, {min(sizes)}-{max(sizes)} per agent")
     with LocalBroker() as broker:
         print(f"broker: {broker_version(broker.binary)} on {broker.address}, repo mosquitto.conf")
-        runs = run_all(broker, datas, args.rounds, nodelay=False)
+        runs = run_all(broker, datas, args.rounds, nodelay=False, procs=tuple(args.procs))
     if not args.no_breakdown:
         with tempfile.TemporaryDirectory(prefix="fedmqtt-bench-conf-") as d, \
                 LocalBroker(conf=nodelay_conf(Path(d))) as broker:
@@ -349,10 +406,13 @@ def main() -> None:
     print_rounds(runs)
     print()
     print_differences(runs)
+    if len(args.procs) > 1:
+        print()
+        print_procs(runs)
     if not args.no_breakdown:
         payload = update_payload()
         for n in args.agents:
-            base = next(r for r in runs if (r.agents, r.epochs, r.nodelay) == (n, 0, False))
+            base = next(r for r in runs if (r.agents, r.epochs, r.nodelay, r.procs) == (n, 0, False, 1))
             print_disk(n, measure_disk(n, base.snapshot, payload), base.timing)
         print(f"  (journaled update payload: {len(payload):,} bytes, a softmax 64->10 update)")
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")

@@ -91,7 +91,7 @@ class Agent(LoopService):
             self.loop, self.core, cfg.broker, on_done=self._done,
             store=AgentStore(cfg.state_dir) if cfg.state_dir else None,
             eligibility=cfg.eligibility, on_connect=self._connected,
-            on_stop=lambda _runner, problem: self._failed(problem),
+            on_stop=lambda _runner, problem: self._failed(f"broker: {problem}"),
         )
 
     # -- what a caller sees ----------------------------------------------------

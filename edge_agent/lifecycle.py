@@ -72,10 +72,10 @@ class LoopService:
 
     def _raise_fatal(self) -> None:
         if self.fatal is not None:
-            raise ConfigError(f"broker: {self.fatal}")
+            raise ConfigError(self.fatal)
 
     def _failed(self, problem: str) -> None:
-        """The broker refused us for good: remember why, wake waiters, stop."""
+        """Stopped for good (``problem`` says why, e.g. "broker: ..."): remember it, wake waiters, stop."""
         self.fatal = problem
         self.finished.set()
         if self._own_loop:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.demo import DemoOptions, run_demo
+from aggregator.demo import DemoOptions, demo_procs, run_demo
+from aggregator.sim import available_cpus
 
 pytestmark = pytest.mark.broker
 
@@ -60,6 +61,32 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     assert "run the ONNX model:" in text
 
 
+def test_demo_defaults_give_0_9278_and_agent_processes_give_the_same_model(tmp_path):
+    """The full default demo (20 rounds), then the same with its agents in 2 worker processes."""
+    assert demo_procs(DemoOptions()) == 1  # auto: 10 agents x 20 rounds is too little work for workers
+    results, params = {}, {}
+    for procs in (0, 2):
+        out = io.StringIO()
+        results[procs] = run_demo(DemoOptions(out=str(tmp_path / f"p{procs}"), procs=procs), out)
+        assert ("agents: 10 over 2 worker processes" in out.getvalue()) == (procs == 2)
+        with np.load(tmp_path / f"p{procs}" / "model.npz", allow_pickle=False) as f:
+            params[procs] = {k: f[k] for k in ("W0", "b0")}
+    assert f"{results[0].final_accuracy:.4f}" == "0.9278"
+    assert [s.metrics["test_accuracy"] for s in results[2].rounds] == [s.metrics["test_accuracy"]
+                                                                       for s in results[0].rounds]
+    assert all(s.participants == 10 for s in results[2].rounds)
+    for k in params[0]:
+        assert np.array_equal(params[0][k], params[2][k]), k
+
+
+def test_demo_procs_auto_uses_the_cores_only_for_long_runs():
+    cores = available_cpus()
+    assert demo_procs(DemoOptions(agents=50, rounds=40)) == min(cores, 50)
+    assert demo_procs(DemoOptions(agents=10, rounds=20)) == 1
+    assert demo_procs(DemoOptions(agents=3, rounds=20, procs=8)) == 3  # never more workers than agents
+    assert demo_procs(DemoOptions(agents=10, rounds=20, procs=1)) == 1
+
+
 def test_demo_with_mlp_and_shards_on_an_external_broker(tmp_path, broker):
     out = io.StringIO()
     result = run_demo(
@@ -95,6 +122,9 @@ def test_interrupting_the_demo_stops_its_broker(tmp_path, sig):
             if line.startswith("round"):
                 break
         assert port is not None and _port_open(port)
+        # 10 agents x 2000 rounds: auto runs the agents in worker processes (on more than one core)
+        children = _children(proc.pid)
+        assert len(children) >= (3 if available_cpus() > 1 else 1), children  # mosquitto (+ workers)
         proc.send_signal(sig)
         proc.wait(timeout=30)
     finally:
@@ -106,6 +136,24 @@ def test_interrupting_the_demo_stops_its_broker(tmp_path, sig):
     while _port_open(port) and time.monotonic() < end:
         time.sleep(0.05)
     assert not _port_open(port), "the private broker is still running after the demo was interrupted"
+    while (left := [c for c in children if _alive(c)]) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert left == [], "processes of the demo outlived it"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
 
 
 def test_demo_refuses_bad_options_with_a_message(tmp_path):

@@ -134,6 +134,138 @@ def test_kill_9_mid_round_and_updates_sent_while_down_are_used(fed, broker, tmp_
     assert [h["participants"] for h in final["history"]] == [3, 3, 3]
 
 
+# The real aggregator process (`fedmqtt aggregator`), with one test hook put in
+# from outside: it stops itself (SIGSTOP) just before the fsync of a group of
+# two or more round-2 updates, i.e. after their records were written and
+# before anything covering them was fsynced or acknowledged. After every
+# fsync (and reset) it records the journal's durable size in argv[1].
+PAUSE_BEFORE_GROUP_FSYNC = """
+import os, signal, sys
+from aggregator import journal
+from fedmqtt.cli import main
+
+durable_file = sys.argv.pop(1)
+real_append, real_sync, real_reset = journal.JournalFile.append, journal.JournalFile.sync, journal.JournalFile.reset
+
+def record_durable(self):
+    tmp = durable_file + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(str(self.path.stat().st_size))
+    os.replace(tmp, durable_file)
+
+def append(self, record, sync=True):
+    if record.get("type") == "update" and record.get("round") == 2:
+        self.test_group = getattr(self, "test_group", 0) + 1
+    return real_append(self, record, sync)
+
+def sync(self):
+    if getattr(self, "test_group", 0) >= 2:
+        os.kill(os.getpid(), signal.SIGSTOP)  # written, not yet fsynced or acknowledged: the test kills us here
+    done = real_sync(self)
+    self.test_group = 0
+    record_durable(self)
+    return done
+
+def reset(self):
+    real_reset(self)
+    self.test_group = 0
+    record_durable(self)
+
+journal.JournalFile.append, journal.JournalFile.sync, journal.JournalFile.reset = append, sync, reset
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("crash", ["kill_9", "power_cut"])
+def test_kill_9_between_a_group_write_and_its_fsync(fed, broker, tmp_path, crash):
+    """Group commit: two updates read in one pass are written, then the process dies before their one fsync.
+
+    round 2, 4 devices: dev0's update alone (written, fsynced, acknowledged);
+    then dev1's and dev2's arrive together, the aggregator writes both and is
+    killed -9 before the fsync. "kill_9": the page cache keeps what was
+    written. "power_cut": the test also cuts the journal back to its durable
+    size plus part of dev1's record, as a power cut may. dev3 sends while the
+    aggregator is down. After a restart the final model is an undisturbed
+    run's: dev0's acknowledged update comes from the journal (it is never
+    delivered again), dev1's and dev2's from the journal or, never having been
+    acknowledged, from the broker again.
+    """
+    state = tmp_path / "state"
+    durable_file = tmp_path / "durable-size"
+    toml = linear_toml(tmp_path / "agg.toml", fed, state, rounds=3, min_agents=4, quorum=4)
+    devices = [Device(broker, fed, f"dev{i}") for i in range(4)]
+    targets = {1: [[1, 1], [2, 2], [3, 3], [6, 6]], 2: [[4, 0], [5, 1], [6, 2], [9, 5]],
+               3: [[0, 0], [1, 1], [8, 2], [3, 1]]}
+    means = {r: np.mean(t, axis=0).tolist() for r, t in targets.items()}
+    journal = JournalFile(state)
+
+    def round2_agents() -> list[str]:
+        return [r["agent"] for r in journal.load() if r["type"] == "update" and r["round"] == 2]
+
+    def durable_size() -> int:
+        try:
+            return int(durable_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return -1
+
+    agg = subprocess.Popen([sys.executable, "-c", PAUSE_BEFORE_GROUP_FSYNC, str(durable_file), "aggregator",
+                            "--config", str(toml), "--broker", broker.address],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        task = devices[0].task(0)
+        for d, tgt in zip(devices, targets[1]):
+            d.send(task, tgt, [0.0, 0.0])
+        task = devices[0].task(1)
+        assert task.round == 2
+        devices[0].send(task, targets[2][0], means[1])
+        wait_until(lambda: round2_agents() == ["dev0"] and durable_size() == journal.path.stat().st_size,
+                   what="dev0's update journaled and fsynced")
+        # Hold the aggregator while dev1 and dev2 send: their updates wait in its
+        # socket and are read in one pass when it runs again.
+        agg.send_signal(signal.SIGSTOP)
+        devices[1].send(task, targets[2][1], means[1])
+        devices[2].send(task, targets[2][2], means[1])
+        time.sleep(0.3)
+        agg.send_signal(signal.SIGCONT)
+        wait_until(lambda: round2_agents() == ["dev0", "dev1", "dev2"] and process_state(agg.pid) == "T",
+                   what="the aggregator stopped before the fsync of dev1's and dev2's records")
+        durable, written = durable_size(), journal.path.stat().st_size
+        assert 0 < durable < written  # two records written, not yet durable
+        agg.send_signal(signal.SIGKILL)
+        agg.wait(10)
+        if crash == "power_cut":
+            with open(journal.path, "r+b") as fh:
+                fh.truncate(durable + (written - durable) // 4)  # inside dev1's record
+        devices[3].send(task, targets[2][3], means[1])
+        time.sleep(0.2)
+        agg = start_aggregator_process(toml, broker)
+        task = devices[0].task(2)
+        assert task.round == 3
+        for d, tgt in zip(devices, targets[3]):
+            d.send(task, tgt, means[2])
+        out, _ = agg.communicate(timeout=WAIT_S)
+        assert agg.returncode == 0, out
+    finally:
+        if agg.poll() is None:
+            agg.kill()
+        for d in devices:
+            d.close()
+    if crash == "power_cut":
+        assert "resumed round 2 attempt 0 with 1 accepted updates" in out, out
+        assert "torn last record" in out, out
+    else:
+        assert "resumed round 2 attempt 0 with 3 accepted updates" in out, out
+    final = checkpoint.load(state)
+    assert final["round"] == 3
+    np.testing.assert_allclose([final["params"]["W0"][0, 0], final["params"]["b0"][0]], means[3], atol=1e-6)
+    assert [h["participants"] for h in final["history"]] == [4, 4, 4]
+
+
 def digits_cfg(fed, bcfg, tmp_path, rounds, **round_kw) -> AggregatorConfig:
     return AggregatorConfig(
         federation=fed, rounds=rounds, state_dir=str(tmp_path / "state"),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -194,6 +197,52 @@ def test_agent_command_imports_no_aggregator_code_or_extras(fed, broker, tmp_pat
     assert "edge_agent.agent" in modules and "paho.mqtt.client" in modules  # it really ran
     forbidden = ("aggregator", "onnx", "onnxruntime", "sklearn", "matplotlib", "scipy")
     assert [m for m in modules if m.split(".")[0] in forbidden] == []
+
+
+# Libraries a feature needs; none may load unless that feature is configured (start-up time, issue 13).
+OPTIONAL_LIBRARIES = ("dp_accounting", "scipy", "onnx", "onnxruntime", "sklearn", "matplotlib", "plotly",
+                      "prometheus_client", "cryptography")
+
+
+@pytest.mark.parametrize("privacy", ["off", "central"])
+def test_aggregator_command_imports_only_the_libraries_of_the_features_configured(fed, broker, tmp_path, privacy):
+    """A real `fedmqtt aggregator` up to systemd READY: DP off loads no dp-accounting/scipy; ONNX off no onnx."""
+    toml = tmp_path / "aggregator.toml"
+    toml.write_text(
+        f'federation = "{fed}"\nrounds = 0\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[onnx]\nevery = 0\n[privacy]\nmode = "{privacy}"\nexpected_per_round = 10\n'
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
+    )
+    script = (
+        "import json, sys\n"
+        "from fedmqtt.cli import main\n"
+        f"rc = main(['aggregator', '--config', {str(toml)!r}])\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+        "sys.exit(rc)\n"
+    )
+    address = f"@fedmqtt-test-{os.getpid()}-{fed}"  # abstract: no sun_path length limit on tmp_path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + address[1:])
+        notify.settimeout(WAIT_S)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**env, "NOTIFY_SOCKET": address},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            while "READY=1" not in notify.recv(4096).decode().split("\n"):
+                pass
+            proc.send_signal(signal.SIGTERM)  # systemctl stop: the loop stops, main returns
+            out, err = proc.communicate(timeout=WAIT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    modules = json.loads(out.strip().splitlines()[-1])
+    assert "aggregator.service" in modules and "paho.mqtt.client" in modules  # it really ran
+    loaded = sorted({m.split(".")[0] for m in modules} & set(OPTIONAL_LIBRARIES))
+    assert loaded == (["dp_accounting", "scipy"] if privacy == "central" else [])
+    assert ("aggregator.accounting" in modules) == (privacy == "central")
+    assert "aggregator.onnx_export" not in modules
 
 
 @pytest.mark.parametrize("module,needle", [("edge_agent", "fedmqtt agent"), ("aggregator", "fedmqtt aggregator")])

@@ -177,6 +177,9 @@ def test_prometheus_endpoint_tells_what_the_coordinator_knows(fed, broker_config
     assert value(after, "fedmqtt_last_round_duration_seconds") == pytest.approx(summaries[-1].seconds)
     # 3 openings + 9 updates journaled; a checkpoint at start (new run id) and per round
     assert value(after, "fedmqtt_journal_append_seconds_count") == 12
+    # Group commit: one fsync per opening (before its task), at most one per read pass of
+    # updates; a round's closing pass is covered by its checkpoint instead.
+    assert 3 <= value(after, "fedmqtt_journal_fsync_seconds_count") <= 9
     assert value(after, "fedmqtt_checkpoint_save_seconds_count") == 4
     assert value(after, "fedmqtt_onnx_export_failures_total") == ra.service.onnx_failures == 0
     # The endpoint stops with the service.
