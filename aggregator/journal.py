@@ -73,7 +73,13 @@ class JournalFile:
             records.append(rec)
             pos += _LEN.size + n
         if pos != len(data):
-            log.warning("%s: ignored %d bytes of a torn last record", self.path, len(data) - pos)
+            # Cut the torn tail off now: records appended after it would otherwise
+            # sit behind bytes load() cannot get past, and be lost at the next load.
+            log.warning("%s: dropped %d bytes of a torn last record", self.path, len(data) - pos)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(pos)
+                fh.flush()
+                os.fsync(fh.fileno())
         return records
 
     def append(self, record: dict[str, Any], sync: bool = True) -> int:

@@ -290,7 +290,16 @@ class AggregatorService:
                     ex.observe_checkpoint(time.perf_counter() - t0)
                 self.journal.reset()
             elif isinstance(a, Publish):
-                self.conn.publish(self._signed(a))
+                signed = self._signed(a)
+                if not self.conn.publish(signed) and a.topic in (self.coordinator.topics.model,
+                                                                 self.coordinator.topics.task):
+                    limit, size = self.conn.max_packet_size, self.conn.packet_size(signed)
+                    if limit and size > limit:
+                        # Agents would wait for a model (or task) that never comes, round after round.
+                        self._stop_for_good(f"broker: the {a.topic.rsplit('/', 1)[-1]} message of {size} bytes "
+                                            f"exceeds the broker's maximum packet size of {limit} bytes: raise the "
+                                            "broker's max_packet_size or use a smaller model")
+                        return
                 if a.topic == self.coordinator.topics.metrics:
                     mirror = self._metrics_mirror(a)
                     if mirror is not None:

@@ -221,10 +221,11 @@ class AgentCore:
                 self.verifier.verify(topic, payload, props or {})
             except SignatureError as exc:
                 self._reject(exc.reason, str(exc))
-                if kind == "model":
-                    # The device will not train on a model it cannot trust: say so in the
-                    # status (a pinned key that does not match the aggregator's, typically),
-                    # so the aggregator stops selecting it. A trusted model clears it.
+                if kind == "model" and self.model_msg is None and self.accepted_model is None:
+                    # No trusted model ever came: this device's pinned key does not match
+                    # the aggregator's. Say so in the status, so it is not selected. Once a
+                    # trusted model was accepted, a badly signed one is a forgery to drop
+                    # (counted): it must not take the fleet out of the next round.
                     return self._set_problem("untrusted_key", exc.detail if exc.reason == "untrusted_key" else str(exc))
                 return []
         if kind == "inbox":
@@ -352,15 +353,32 @@ class AgentCore:
         ``sticky``: the model's own training failed, which another model
         message does not mend.
         """
-        if self.problem == (code, detail):
+        if self.problem is not None and (self.problem[0] == code or (self._problem_sticky and not sticky)):
+            # Said already (the detail may differ, e.g. another key's fingerprint: no
+            # new status for it), or a failure of this device's own code that a model
+            # problem must not hide, since a fitting model would then clear both.
             return []
         self.problem = (code, detail)
         self._problem_sticky = sticky
         log.error("%s: cannot train (%s): %s", self.agent_id, code, detail)
         return [self.status("online")]
 
+    def suspect_duplicate(self, problem: str) -> list[Action]:
+        """Another client seems to use our client id: not selectable until that stops (said in the status)."""
+        return self._set_problem("duplicate_id", problem, sticky=True)
+
+    def clear_problem(self, code: str) -> list[Action]:
+        """The problem ``code`` is over (e.g. the connection stays up again): selectable again."""
+        if self.problem is None or self.problem[0] != code:
+            return []
+        log.info("%s: %s is over", self.agent_id, code)
+        self.problem = None
+        self._problem_sticky = False
+        return [self.status("online")]
+
     def too_large(self, topic: str, size: int, limit: int) -> list[Action]:
-        """A publish the broker would refuse: this device cannot take part until the limit or the model changes."""
+        """A publish the broker would refuse: this device does not take part again until it restarts
+        (after the broker's limit or the model was changed)."""
         what = "update" if topic == self.topics.update(self.agent_id) else f"message on {topic}"
         return self._set_problem("payload_too_large", f"an {what} of {size} bytes exceeds the broker's maximum "
                                  f"packet size of {limit} bytes", sticky=True)
@@ -640,6 +658,12 @@ class AgentRunner:
     # Handler protocol
     def subscriptions(self) -> list[str]:
         return self.core.subscriptions()
+
+    def on_takeover_suspected(self, conn: Connection, problem: str) -> None:
+        self.core.suspect_duplicate(problem)  # published with the status at the next connection
+
+    def on_takeover_cleared(self, conn: Connection) -> None:
+        self._execute(self.core.clear_problem("duplicate_id"))
 
     def on_fatal(self, conn: Connection, problem: str) -> None:
         """The broker refused us for good (login, duplicate client id): stop, saying why."""

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from .config import ConfigError
 from .mqtt import Loop
+
+
+# How often wait() looks whether stop() was called meanwhile (a waiter must not
+# hang on a service stopped from another thread).
+WAIT_SLICE_S = 0.1
 
 
 class LoopService:
@@ -28,6 +34,7 @@ class LoopService:
         self.finished = threading.Event()
         self.fatal = None
         self._started = False
+        self._stopped = threading.Event()  # stop() was called: wait() returns, start() is refused
 
     def _begin(self) -> None:
         raise NotImplementedError
@@ -46,13 +53,22 @@ class LoopService:
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the federation is done; False on timeout. Raises ConfigError if the broker refused us."""
-        done = self.finished.wait(timeout)
+        """Wait until the federation is done; False on timeout or when stopped first.
+
+        Raises ConfigError if the broker refused us.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished.is_set() and not self._stopped.is_set():
+            left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self.finished.wait(left)
         self._raise_fatal()
-        return done
+        return self.finished.is_set()
 
     def stop(self) -> None:
         """Disconnect and stop the loop, if it is this service's own."""
+        self._stopped.set()
         if self._own_loop:
             self.loop.stop()
             if self.loop.thread is not None and self.loop.thread is not threading.current_thread():
@@ -65,8 +81,8 @@ class LoopService:
         self.stop()
 
     def _start_once(self) -> None:
-        if self._started:
-            raise RuntimeError(f"this {type(self).__name__} was already started")
+        if self._started or self._stopped.is_set():
+            raise RuntimeError(f"this {type(self).__name__} was already started or stopped; make a new one")
         self._started = True
         self._begin()
 

@@ -55,8 +55,14 @@ SESSION_TAKEN_OVER = 142
 # connection. A client whose connections end within seconds of being
 # accepted, several times in a row, is sharing its client id with another
 # (a network that fails does not let every reconnect succeed at once).
+# But a broker restarted three times in a row ends connections the same way,
+# so that is only a suspicion: the client backs off (the two clones then trade
+# the connection once a back-off, not every second), logs an error naming the
+# id, and tells its handler (an agent reports it in its status). A session
+# that outlives SHORT_SESSION_S clears the suspicion.
 SHORT_SESSION_S = 5.0
-TAKEOVERS_TO_STOP = 3
+TAKEOVERS_SUSPECTED_AFTER = 3
+TAKEOVER_BACKOFF_S = 60.0
 # Bytes a PUBLISH adds to topic and payload: fixed header (<= 5), topic length (2),
 # packet id (2), property length (<= 4); user properties are counted exactly.
 PUBLISH_OVERHEAD = 13
@@ -331,6 +337,7 @@ class Connection:
         self._answered = False  # a CONNACK arrived since the socket opened
         self._connected_at = 0.0
         self._short_sessions = 0  # consecutive connections that the broker ended within SHORT_SESSION_S
+        self.suspected_takeover: str | None = None  # why we think another client shares our id
         # manual_ack: a QoS 1 message is acknowledged only after the handler
         # returned and its flush() (if any) made what it wrote durable; the
         # messages of one read pass share that flush (group commit).
@@ -497,7 +504,8 @@ class Connection:
                 log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
                 return  # paho closes the socket; _on_disconnect schedules the retry
             self.connected = True
-            self._connected_at = time.monotonic()
+            self._connected_at = connected_at = time.monotonic()
+            self.loop.call_later(SHORT_SESSION_S, lambda: self._session_lasted(connected_at))
             self._backoff = RECONNECT_MIN_S
             self.max_packet_size = int(getattr(properties, "MaximumPacketSize", 0) or 0)
             subs = self.handler.subscriptions()
@@ -524,10 +532,18 @@ class Connection:
             if was:
                 short = time.monotonic() - self._connected_at < SHORT_SESSION_S
                 self._short_sessions = self._short_sessions + 1 if short else 0
-                if self._short_sessions >= TAKEOVERS_TO_STOP:
-                    self._fail(f"the broker closed this connection {self._short_sessions} times within seconds of "
+                if self._short_sessions >= TAKEOVERS_SUSPECTED_AFTER:
+                    problem = (f"the broker closed this connection {self._short_sessions} times within seconds of "
                                f"accepting it: most likely another client uses client id {self.client_id!r} (two "
-                               "devices, or two services, share this id); give each its own")
+                               "devices, or two services, share this id; give each its own), or the broker keeps "
+                               f"restarting; retrying in {TAKEOVER_BACKOFF_S:.0f} s")
+                    log.error("%s: %s", self.client_id, problem)
+                    self.suspected_takeover = problem
+                    hook = getattr(self.handler, "on_takeover_suspected", None)
+                    if hook is not None:
+                        hook(self, problem)
+                    self._backoff = max(self._backoff, TAKEOVER_BACKOFF_S)
+                    self._schedule_reconnect()
                     return
                 log.warning("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
             elif not answered and not self.broker.tls:
@@ -536,6 +552,17 @@ class Connection:
             self._schedule_reconnect()
         except Exception:
             log.exception("%s: on_disconnect failed", self.client_id)
+
+    def _session_lasted(self, connected_at: float) -> None:
+        """A connection outlived SHORT_SESSION_S: not a takeover flap (any more)."""
+        if not self.connected or self._connected_at != connected_at:
+            return
+        self._short_sessions = 0
+        if self.suspected_takeover is not None:
+            self.suspected_takeover = None
+            hook = getattr(self.handler, "on_takeover_cleared", None)
+            if hook is not None:
+                hook(self)
 
     def _fail(self, problem: str) -> None:
         """Stop for good: retrying cannot mend this (a configuration error)."""

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -450,3 +451,21 @@ def test_a_failing_onnx_export_costs_the_onnx_copy_not_the_round(broker_config, 
         assert agg.wait(60), f"stuck at round {agg.round}"
     assert [s.participants for s in agg.history] == [1, 1]
     assert agg.service.onnx_failures == 3  # the initial model and both rounds
+
+
+def test_wait_returns_when_the_agent_is_stopped_from_another_thread_and_a_stopped_agent_cannot_start():
+    import threading
+
+    agent = fedmqtt.Agent(fedmqtt.AgentConfig(agent_id="a1", state_dir="",
+                                              broker=fedmqtt.BrokerConfig(port=1)),  # nothing listens: no broker
+                          data=(regression_data(10).X_train, regression_data(10).y_train), model=TinyRegressor())
+    agent.start()
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(agent.wait()))
+    waiter.start()
+    time.sleep(0.3)
+    agent.stop()
+    waiter.join(5)
+    assert not waiter.is_alive() and result == [False]
+    with pytest.raises(RuntimeError, match="already started or stopped"):
+        agent.start()

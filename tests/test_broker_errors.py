@@ -77,29 +77,41 @@ def test_the_right_password_connects(locked_broker, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_second_device_with_the_same_id_stops_the_first_with_a_clear_error(broker, tmp_path):
-    first = subprocess.Popen(_agent_cmd(broker, tmp_path, "--agent-id", "pi-7"), stderr=subprocess.PIPE, text=True)
+def test_two_devices_with_the_same_id_back_off_and_say_so_in_their_status(broker, monkeypatch):
+    """mosquitto 2.0.11 closes the older connection without the v5 "session taken over" code, and so does a
+    broker that restarts: three connections ended within seconds of being accepted make a device back off
+    (one connection trade per back-off instead of one a second), log an error naming the id, and report
+    `duplicate_id` in its retained status, so the aggregator does not select it."""
+    import edge_agent.mqtt as mqtt
+
+    monkeypatch.setattr(mqtt, "TAKEOVER_BACKOFF_S", 3.0)  # 60 s in production: keep the test short
+    statuses: list = []
+    observer = _subscriber(broker, Topics("errs").status("pi-7"), statuses)
+    bc = fedmqtt.BrokerConfig(port=broker.port)
+    data = (np.zeros((10, 4), np.float32), np.arange(10) % 2)
+    make = lambda: fedmqtt.Agent(fedmqtt.AgentConfig(agent_id="pi-7", federation="errs", state_dir="", broker=bc),
+                                 data=data)  # noqa: E731
+    first, second = make(), make()
     try:
-        time.sleep(2.0)  # connected
-        assert first.poll() is None
-        second = subprocess.Popen(_agent_cmd(broker, tmp_path, "--agent-id", "pi-7"), stderr=subprocess.PIPE,
-                                  text=True)
-        try:
-            _, err = first.communicate(timeout=30)
-            assert first.returncode == 2
-            # mosquitto 2.0.11 closes the old connection without the v5 "session taken over" code,
-            # so it is recognised by connections ending right after they were accepted
-            assert ("most likely another client uses client id 'fedmqtt-errs-pi-7' (two devices, or two services, "
-                    "share this id)") in err
-            assert err.strip().splitlines()[-1].startswith("fedmqtt agent: config error: broker: ")
-            time.sleep(1.0)
-            assert second.poll() is None  # the newcomer keeps the connection: no flapping
-        finally:
-            second.kill()
-            second.wait()
+        first.start()
+        time.sleep(1.0)
+        second.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(a.runner.conn.suspected_takeover for a in (first, second)):
+            time.sleep(0.05)
+        suspect = next(a for a in (first, second) if a.runner.conn.suspected_takeover)
+        assert "most likely another client uses client id 'fedmqtt-errs-pi-7'" in suspect.runner.conn.suspected_takeover
+        assert suspect.problem[0] == "duplicate_id"
+        deadline = time.monotonic() + 15  # it says so when it next connects (after the back-off)
+        said = []
+        while time.monotonic() < deadline and not said:
+            said = [p for p in statuses if p and wire.decode(p, expect="status").reason.startswith("duplicate_id: ")]
+            time.sleep(0.1)
+        assert said and not wire.decode(said[0], expect="status").eligible
     finally:
-        if first.poll() is None:
-            first.kill()
+        for a in (first, second):
+            a.stop()
+        observer.loop_stop()
 
 
 def test_an_update_over_the_brokers_packet_limit_is_not_sent_and_the_device_says_why(tmp_path):
@@ -224,3 +236,16 @@ def test_tls_to_a_plain_port_gets_a_hint(broker, caplog, tls_broker):
     conn, text = _connect_and_log(cfg, caplog)
     assert not conn.connected
     assert "if this port does not use TLS, set [broker] tls = false" in text
+
+
+def test_an_aggregator_whose_model_exceeds_the_brokers_packet_limit_stops_and_says_why(tmp_path):
+    with LocalBroker(overrides={"max_packet_size": "4096"}) as b:
+        cfg = fedmqtt.AggregatorConfig(federation="bigm", rounds=1, state_dir=str(tmp_path / "agg"),
+                                       broker=fedmqtt.BrokerConfig(port=b.port))
+        cfg.model.kind, cfg.model.hidden, cfg.onnx.every = "mlp", [64], 0  # ~20 kB of parameters
+        agg = fedmqtt.Aggregator(cfg)
+        agg.start()
+        with pytest.raises(fedmqtt.ConfigError, match="the model message of .* bytes exceeds the broker's maximum "
+                                                      "packet size of 4096 bytes"):
+            agg.wait(20)
+        agg.stop()

@@ -287,3 +287,20 @@ def test_a_torn_tail_of_an_unsynced_batch_is_dropped_on_load(tmp_path, cut):
     records = JournalFile(tmp_path).load()
     expected = ["open"] + (["update"] if cut == "after_first_unsynced" else [])
     assert [r["type"] for r in records] == expected
+
+
+def test_records_appended_after_a_torn_tail_survive_the_next_load(tmp_path):
+    """A restart after a torn tail cuts it off, so what is journaled (and acknowledged) next is read back."""
+    from aggregator.journal import JournalFile
+
+    j = JournalFile(tmp_path)
+    j.append({"i": 0})
+    j.append({"i": 1})
+    j.close()
+    with open(j.path, "ab") as fh:  # a crash in the middle of writing record 2
+        fh.write(b"\x00\x00\x00\x40half a rec")
+    j2 = JournalFile(tmp_path)
+    assert [r["i"] for r in j2.load()] == [0, 1]
+    j2.append({"i": 99})  # acknowledged after the restart
+    j2.close()
+    assert [r["i"] for r in JournalFile(tmp_path).load()] == [0, 1, 99]
