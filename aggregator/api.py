@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from edge_agent.config import ConfigError, check, from_dict, load
+from edge_agent.config import ConfigError, config_of
 from edge_agent.data import Batches, local_data
 from edge_agent.model_api import FedModel
 from edge_agent.lifecycle import LoopService
@@ -30,15 +30,7 @@ Evaluator = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
 
 def aggregator_config(config: AggregatorConfig | str | Path | Mapping[str, Any]) -> AggregatorConfig:
     """An :class:`AggregatorConfig` from an object, a TOML file or a dict of the same keys (checked)."""
-    if isinstance(config, AggregatorConfig):
-        check(config)
-        return config
-    if isinstance(config, (str, Path)):
-        return load(AggregatorConfig, config)
-    if isinstance(config, Mapping):
-        return from_dict(AggregatorConfig, dict(config))
-    raise ConfigError(f"config must be an AggregatorConfig, a path to aggregator.toml or a dict, "
-                      f"got {type(config).__name__}")
+    return config_of(AggregatorConfig, config, "aggregator.toml")
 
 
 class Aggregator(LoopService):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from .agent import AgentCore, AgentRunner
 from .agent_config import AgentConfig, AgentModelConfig
 from .agent_store import AgentStore
-from .config import ConfigError, check, from_dict, load
+from .config import ConfigError, config_of
 from .data import local_data
 from .lifecycle import LoopService
 from .model_api import FedModel, ModelError
@@ -28,16 +28,7 @@ log = logging.getLogger("fedmqtt.agent")
 
 def agent_config(config: AgentConfig | str | Path | Mapping[str, Any] | None) -> AgentConfig:
     """An :class:`AgentConfig` from an object, a TOML file or a dict of the same keys (checked)."""
-    if config is None:
-        return AgentConfig()
-    if isinstance(config, AgentConfig):
-        check(config)
-        return config
-    if isinstance(config, (str, Path)):
-        return load(AgentConfig, config)
-    if isinstance(config, Mapping):
-        return from_dict(AgentConfig, dict(config))
-    raise ConfigError(f"config must be an AgentConfig, a path to agent.toml or a dict, got {type(config).__name__}")
+    return AgentConfig() if config is None else config_of(AgentConfig, config, "agent.toml")
 
 
 def agent_model(cfg: AgentModelConfig) -> FedModel | None:

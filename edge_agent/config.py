@@ -254,6 +254,18 @@ def load(cls: type[T], path: str | Path | None, overrides: dict[str, str] | None
         raise
 
 
+def config_of(cls: type[T], config: Any, example: str) -> T:
+    """A checked ``cls`` from an instance, a TOML file (``str``/``Path``) or a dict of its keys (the Python API)."""
+    if isinstance(config, cls):
+        check(config)
+        return config
+    if isinstance(config, (str, Path)):
+        return load(cls, config)
+    if isinstance(config, dict) or hasattr(config, "keys"):
+        return from_dict(cls, dict(config))
+    raise ConfigError(f"config must be a {cls.__name__}, a path to {example} or a dict, got {type(config).__name__}")
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """``HOST:PORT`` to a tuple; raises ConfigError naming the flag's problem."""
     host, sep, port = text.rpartition(":")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -205,3 +206,15 @@ def offline_fedavg(datas, cfg: AggregatorConfig, seed: int, rounds: int, extra_w
             s.add({k: np.zeros_like(v) for k, v in params.items()}, extra_weight)
         params = s.result(params)
     return params
+
+
+def load_example(name: str, *modules: str) -> list:
+    """The modules of ``examples/<name>/``, imported as the example's own scripts import each other."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parents[1] / "examples" / name)
+    sys.path.insert(0, folder)
+    try:
+        return [importlib.import_module(m) for m in modules]
+    finally:
+        sys.path.remove(folder)

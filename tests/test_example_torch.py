@@ -42,7 +42,7 @@ from edge_agent.models import MLP, subtract  # noqa: E402
 from edge_agent.training import round_seed  # noqa: E402
 from edge_agent.topics import Topics  # noqa: E402
 
-from .conftest import offline_fedavg  # noqa: E402
+from .conftest import load_example, offline_fedavg  # noqa: E402
 
 pytestmark = pytest.mark.broker
 
@@ -52,13 +52,7 @@ N_AGENTS, ROUNDS, SEED = 10, 20, 0
 
 
 def _example():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        import digits_cnn
-        import federate
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    return digits_cnn, federate
+    return load_example("torch_digits", "digits_cnn", "federate")
 
 
 def _agent_data(federate):

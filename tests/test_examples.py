@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ import pytest
 from edge_agent import wire
 from edge_agent.topics import Topics
 
+from .conftest import load_example
+
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +22,7 @@ ENERGY = ROOT / "examples" / "vehicle_energy"
 
 
 def _energy():
-    sys.path.insert(0, str(ENERGY))
-    try:
-        import energy_model
-        import fleet
-    finally:
-        sys.path.remove(str(ENERGY))
-    return energy_model, fleet
+    return load_example("vehicle_energy", "energy_model", "fleet")
 
 
 def test_vehicle_energy_fleet_learns_what_pooled_least_squares_learns(broker, tmp_path):
