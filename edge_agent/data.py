@@ -152,17 +152,31 @@ def local_data(data: Any, *, holdout: float = 0.2, seed: int = 0, label_column: 
 
 
 def _checked_arrays(pair: Any, where: str, allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` given in Python: as from a file (:func:`checked`), regression targets as float32."""
     try:
         X, y = (_numpy(a) for a in pair)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{where}: must be a pair of arrays (X, y): {exc}") from None
+    X, y = checked(X, y, where, allow_empty)
+    return X, (y.astype(np.float32) if y.dtype.kind == "f" else y)
+
+
+def checked(X: np.ndarray, y: np.ndarray, where: str, allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The checks all local data passes, from a file or from Python: X float32 [n, features], y [n].
+
+    Raises DataError naming ``where`` and the problem: shapes, non-numeric
+    values, no rows, NaN or Inf. Labels written as whole floats become int64
+    class indices.
+    """
     if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
         raise DataError(f"{where}: X must be [n, features] and y [n], got {X.shape} and {y.shape}")
-    if X.dtype.kind not in "iuf" or y.dtype.kind not in "iuf":
-        raise DataError(f"{where}: X and y must be numeric, got {X.dtype} and {y.dtype}")
+    if X.dtype.kind not in "iuf":
+        raise DataError(f"{where}: X must be numeric, got dtype {X.dtype}")
+    if y.dtype.kind not in "iuf":
+        raise DataError(f"{where}: y must hold numbers (class indices or regression targets), got dtype {y.dtype}")
     if len(X) == 0 and not allow_empty:
         raise DataError(f"{where}: no samples")
-    X = X.astype(np.float32)
+    X = X.astype(np.float32, copy=False)
     if not np.isfinite(X).all():
         raise DataError(f"{where}: X contains NaN or Inf")
     if y.dtype.kind == "f":
@@ -170,8 +184,6 @@ def _checked_arrays(pair: Any, where: str, allow_empty: bool = False) -> tuple[n
             raise DataError(f"{where}: y contains NaN or Inf")
         if np.all(y == np.round(y)):
             y = y.astype(np.int64)
-        else:
-            y = y.astype(np.float32)
     return X, y
 
 
@@ -186,17 +198,7 @@ def load(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.
         X, y = _load_csv(p, label_column)
     else:
         raise DataError(f"{p}: unknown data format {p.suffix!r} (use .npz with X and y, or .csv)")
-    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
-        raise DataError(f"{p}: X must be [n, features] and y [n], got {X.shape} and {y.shape}")
-    if len(X) == 0:
-        raise DataError(f"{p}: no samples")
-    if not np.isfinite(X).all():
-        raise DataError(f"{p}: X contains NaN or Inf")
-    if y.dtype.kind not in "iuf":
-        raise DataError(f"{p}: y must hold numbers (class indices or regression targets), got dtype {y.dtype}")
-    if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise DataError(f"{p}: y contains NaN or Inf")
-    return X, y
+    return checked(X, y, str(p))
 
 
 def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -216,9 +218,7 @@ def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except (ValueError, TypeError, AttributeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{p}: not a readable .npz of numeric arrays X and y ({exc})") from None
-    if y.dtype.kind == "f" and np.all(y == np.round(y)):
-        y = y.astype(np.int64)
-    return X, y
+    return X, y  # whole-float labels become class indices in checked()
 
 
 def _load_csv(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:

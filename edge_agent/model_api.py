@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from .data import DataError, checked
 from .spec import ModelSpec
 from .wire import TrainConfig
 
@@ -177,19 +178,20 @@ class FedModel(ABC):
 
 
 def check_data(model: FedModel, X: Any, y: Any, where: str = "local data") -> None:
-    """Raise ModelError("bad_data") with one clear message unless the data fits the model."""
-    X, y = np.asarray(X), np.asarray(y)
-    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
-        raise ModelError("bad_data", f"{where}: X must be [n, features] and y [n], got {X.shape} and {y.shape}")
-    if X.dtype.kind not in "iuf" or y.dtype.kind not in "iuf":
-        raise ModelError("bad_data", f"{where}: X and y must be numeric, got {X.dtype} and {y.dtype}")
+    """Raise ModelError with one clear message unless the data fits the model.
+
+    The checks every local data set passes (:func:`edge_agent.data.checked`:
+    shapes, numbers, NaN/Inf) give ``bad_data``; then the model's own: its
+    feature count (``incompatible_model``) and, for classifiers, integer
+    labels in its class range (``bad_data``).
+    """
+    try:
+        X, y = checked(np.asarray(X), np.asarray(y), where, allow_empty=True)
+    except DataError as exc:
+        raise ModelError("bad_data", str(exc)) from None
     if X.shape[1] != model.n_features:
         raise ModelError("incompatible_model", f"{where}: {X.shape[1]} features per row, the model takes "
                                                f"{model.n_features}")
-    if not np.isfinite(X).all():
-        raise ModelError("bad_data", f"{where}: X contains NaN or Inf")
-    if not np.isfinite(y).all():
-        raise ModelError("bad_data", f"{where}: y contains NaN or Inf")
     if model.classifier and len(y):
         if not np.all(y == np.round(y)):
             raise ModelError("bad_data", f"{where}: labels must be class indices (integers), got fractions")

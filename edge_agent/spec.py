@@ -179,21 +179,21 @@ def _params_problems(params: object) -> list[tuple[str, str]]:
 def spec_problems(kind: object, n_features: object, n_outputs: object, hidden: object,
                   params: object = ()) -> list[tuple[str, str]]:
     """Every reason these would make an invalid spec, as (field, problem); empty when valid."""
-    out: list[tuple[str, str]] = []
+    # Every kind, built in or custom, gives its input width and output count.
+    sizes = [(name, f"must be an integer in 1..{MAX_DIM}, got {value!r}")
+             for name, value in (("n_features", n_features), ("n_outputs", n_outputs))
+             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM]
     if custom_kind(kind):
-        for name, value in (("n_features", n_features), ("n_outputs", n_outputs)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
-                out.append((name, f"must be an integer in 1..{MAX_DIM}, got {value!r}"))
+        out = sizes
         if hidden:
             out.append(("hidden", "hidden layers are only for kind 'mlp' (a custom model lists its params)"))
         return out + _params_problems(params)
+    out = []
     if params:
         out.append(("params", f"only custom models list their parameters, not {kind!r}"))
     if kind not in MODEL_KINDS:
         out.append(("kind", f"must be one of {', '.join(MODEL_KINDS)} or 'package.module:Class', got {kind!r}"))
-    for name, value in (("n_features", n_features), ("n_outputs", n_outputs)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
-            out.append((name, f"must be an integer in 1..{MAX_DIM}, got {value!r}"))
+    out += sizes
     if not isinstance(hidden, tuple) or len(hidden) > MAX_HIDDEN_LAYERS:
         out.append(("hidden", f"must be at most {MAX_HIDDEN_LAYERS} layer sizes"))
     elif any(not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= MAX_DIM for h in hidden):
