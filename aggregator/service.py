@@ -166,6 +166,13 @@ class AggregatorService:
         t = self.coordinator.topics
         return [t.statuses, t.updates]
 
+    def on_too_large(self, conn: Connection, msg: Publish, size: int) -> None:
+        """A model or task the broker would refuse: agents would wait for it round after round, so stop."""
+        if msg.topic in (self.coordinator.topics.model, self.coordinator.topics.task):
+            self._stop_for_good(f"broker: the {msg.topic.rsplit('/', 1)[-1]} message of {size} bytes exceeds the "
+                                f"broker's maximum packet size of {conn.max_packet_size} bytes: raise the broker's "
+                                "max_packet_size or use a smaller model")
+
     def on_fatal(self, conn: Connection, problem: str) -> None:
         """The broker refused us for good (login, a second aggregator on our client id): stop."""
         self._stop_for_good(f"broker: {problem}")
@@ -290,16 +297,9 @@ class AggregatorService:
                     ex.observe_checkpoint(time.perf_counter() - t0)
                 self.journal.reset()
             elif isinstance(a, Publish):
-                signed = self._signed(a)
-                if not self.conn.publish(signed) and a.topic in (self.coordinator.topics.model,
-                                                                 self.coordinator.topics.task):
-                    limit, size = self.conn.max_packet_size, self.conn.packet_size(signed)
-                    if limit and size > limit:
-                        # Agents would wait for a model (or task) that never comes, round after round.
-                        self._stop_for_good(f"broker: the {a.topic.rsplit('/', 1)[-1]} message of {size} bytes "
-                                            f"exceeds the broker's maximum packet size of {limit} bytes: raise the "
-                                            "broker's max_packet_size or use a smaller model")
-                        return
+                self.conn.publish(self._signed(a))
+                if self.fatal is not None:
+                    return  # the publish was refused for good (on_too_large): nothing after it may go out
                 if a.topic == self.coordinator.topics.metrics:
                     mirror = self._metrics_mirror(a)
                     if mirror is not None:

@@ -342,9 +342,7 @@ class AgentCore:
                 return False, self._set_problem(exc.reason, exc.detail)
             self._checked = spec
         if self.problem is not None and not self._problem_sticky:
-            log.info("%s: the new model fits this device again", self.agent_id)
-            self.problem = None
-            return True, [self.status("online")]
+            return True, self.clear_problem(self.problem[0])  # the new model fits this device again
         return True, []
 
     def _set_problem(self, code: str, detail: str, sticky: bool = False) -> list[Action]:
@@ -665,6 +663,9 @@ class AgentRunner:
     def on_takeover_cleared(self, conn: Connection) -> None:
         self._execute(self.core.clear_problem("duplicate_id"))
 
+    def on_too_large(self, conn: Connection, msg: Publish, size: int) -> None:
+        self._execute(self.core.too_large(msg.topic, size, conn.max_packet_size))
+
     def on_fatal(self, conn: Connection, problem: str) -> None:
         """The broker refused us for good (login, duplicate client id): stop, saying why."""
         if self.on_stop is not None:
@@ -683,10 +684,7 @@ class AgentRunner:
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Publish):
-                if not self.conn.publish(a) and self.conn.max_packet_size:
-                    size = self.conn.packet_size(a)
-                    if size > self.conn.max_packet_size:
-                        self._execute(self.core.too_large(a.topic, size, self.conn.max_packet_size))
+                self.conn.publish(a)  # one over the broker's packet limit comes back through on_too_large
             elif isinstance(a, Train):
                 # Deferred so the loop serves other clients' sockets between trainings.
                 job = lambda a=a: self._execute(self.core.train(a.round, a.attempt))  # noqa: E731

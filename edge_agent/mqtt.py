@@ -132,6 +132,10 @@ class Handler(Protocol):
 
     # Optional: ``on_fatal(conn, problem)`` when the broker says retrying cannot help (see
     # :attr:`Connection.fatal`); without it the loop is stopped.
+    # Optional: ``on_too_large(conn, msg, size)`` when a publish was refused because it
+    # exceeds the broker's maximum packet size (``conn.max_packet_size``).
+    # Optional: ``on_takeover_suspected(conn, problem)`` / ``on_takeover_cleared(conn)``
+    # (see SHORT_SESSION_S).
     # Optional, with manual_ack: ``flush(conn)``, called before the acks of the messages
     # handled since the last call are sent: make durable what their handling wrote (one
     # fsync for the batch). If it raises, none of them is acknowledged.
@@ -390,6 +394,7 @@ class Connection:
             self.refused_too_large += 1
             log.error("%s: not publishing %d bytes to %s: the broker's maximum packet size is %d bytes",
                       self.client_id, size, msg.topic, self.max_packet_size)
+            self._notify("on_too_large", msg, size)
             return False
         props = None
         if msg.user_properties or msg.content_type:
@@ -539,9 +544,7 @@ class Connection:
                                f"restarting; retrying in {TAKEOVER_BACKOFF_S:.0f} s")
                     log.error("%s: %s", self.client_id, problem)
                     self.suspected_takeover = problem
-                    hook = getattr(self.handler, "on_takeover_suspected", None)
-                    if hook is not None:
-                        hook(self, problem)
+                    self._notify("on_takeover_suspected", problem)
                     self._backoff = max(self._backoff, TAKEOVER_BACKOFF_S)
                     self._schedule_reconnect()
                     return
@@ -560,20 +563,23 @@ class Connection:
         self._short_sessions = 0
         if self.suspected_takeover is not None:
             self.suspected_takeover = None
-            hook = getattr(self.handler, "on_takeover_cleared", None)
-            if hook is not None:
-                hook(self)
+            self._notify("on_takeover_cleared")
 
     def _fail(self, problem: str) -> None:
         """Stop for good: retrying cannot mend this (a configuration error)."""
         self.fatal = problem
         self._closing = True
         log.error("%s: %s", self.client_id, problem)
-        on_fatal = getattr(self.handler, "on_fatal", None)
-        if on_fatal is not None:
-            on_fatal(self, problem)
-        else:
+        if not self._notify("on_fatal", problem):
             self.loop.stop()
+
+    def _notify(self, hook: str, *args) -> bool:
+        """Call the handler's optional ``hook(self, *args)``; False when it has none."""
+        fn = getattr(self.handler, hook, None)
+        if fn is None:
+            return False
+        fn(self, *args)
+        return True
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
