@@ -16,7 +16,7 @@ from edge_agent.model_api import ModelError
 from edge_agent.mqtt import Loop
 from edge_agent.systemd import notify, start_watchdog
 
-from .argtypes import positive_float, positive_int, procs
+from .argtypes import listen_address, positive_float, positive_int, procs
 from .broker import BrokerError
 from .config import AggregatorConfig
 from .datasets import DATASETS, DataSpec
@@ -276,7 +276,7 @@ def export_main(argv: list[str]) -> int:
 
 def serve_onnx_main(argv: list[str]) -> int:
     """``fedmqtt serve-onnx``: predictions from the current ONNX model, hot-swapped."""
-    from .serve_http import MAX_BODY_BYTES, MAX_ROWS, PredictionServer, parse_listen, serve_http
+    from .serve_http import MAX_BODY_BYTES, MAX_ROWS, PredictionServer, serve_http
     from .serve_onnx import OnnxFollower, serve
 
     p = argparse.ArgumentParser(
@@ -293,7 +293,7 @@ def serve_onnx_main(argv: list[str]) -> int:
     p.add_argument("--federation", "--fed", default="demo")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--input", default="-", help="CSV rows of features (default: stdin, answered line by line)")
-    mode.add_argument("--http", type=parse_listen, metavar="HOST:PORT",
+    mode.add_argument("--http", type=listen_address, metavar="HOST:PORT",
                       help="serve a JSON HTTP API on this address instead, e.g. 127.0.0.1:8080 "
                       "(port 0: any free port; the address is printed on stderr)")
     p.add_argument("--serve-initial", action="store_true",
@@ -370,13 +370,13 @@ def provision_main(argv: list[str]) -> int:
 
 def dashboard_main(argv: list[str]) -> int:
     """``fedmqtt dashboard``: a live web page of the fleet, from retained messages alone."""
-    from .dashboard import DEFAULT_LISTEN, Dashboard, DashboardError, parse_listen
+    from .dashboard import DEFAULT_LISTEN, Dashboard, DashboardError
 
     p = argparse.ArgumentParser(prog="fedmqtt dashboard",
                                 description="Serve a live web page of a federation's agents, rounds, accuracy "
                                 "and privacy, read from the broker's retained messages (it never publishes).")
     p.add_argument("--federation", "--fed", default="demo")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+    p.add_argument("--listen", type=listen_address, default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"where to serve the page (default {DEFAULT_LISTEN}; port 0: any free port). The page "
                    "shows what the broker credentials can read: keep it on loopback unless that is public.")
     p.add_argument("--budget", type=positive_float, default=None,
@@ -385,7 +385,7 @@ def dashboard_main(argv: list[str]) -> int:
     a, broker = _client_broker(p, argv)
     setup_logging(a.verbose)
     try:
-        dash = Dashboard(broker, a.federation, parse_listen(a.listen), budget=a.budget or 0.0)
+        dash = Dashboard(broker, a.federation, a.listen, budget=a.budget or 0.0)
     except DashboardError as exc:
         sys.stderr.write(f"fedmqtt dashboard: error: {exc}\n")
         return 2

@@ -20,6 +20,7 @@ from edge_agent.signing import valid_public_key
 from edge_agent.spec import MODEL_KINDS, ModelSpec, spec_problems
 from edge_agent.wire import valid_id
 
+from .argtypes import parse_listen
 from .strategies import STRATEGIES
 
 
@@ -456,25 +457,6 @@ class OnnxConfig:
         if self.keep < 0:
             out.append(("keep", f"must be >= 0, got {self.keep}"))
         return out
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) of a listening socket; ValueError saying what is wrong.
-
-    Port 0 asks the system for a free port (the service logs which).
-    """
-    host, sep, port = text.rpartition(":")
-    if "://" in text or "/" in text:
-        raise ValueError(f"expected HOST:PORT without a scheme or path (it serves /metrics), got {text!r}")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT with a port in 0..65535 (e.g. 127.0.0.1:9108), got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"an IPv6 address needs brackets ([::1]:9108), got {text!r}")
-    if not host or any(c.isspace() for c in host):
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
 
 
 @dataclass

@@ -53,15 +53,6 @@ class DashboardError(ValueError):
     """A dashboard that cannot start (no plotly, bad --listen), with the reason."""
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; port 0: any free port) to a tuple."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise DashboardError(f"--listen: expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 def _series_key(name: str) -> bool:
     return bool(_SERIES_NAME.match(name)) and (name.endswith("accuracy") or name.endswith("loss") or name == "epsilon")
 

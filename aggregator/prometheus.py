@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from edge_agent.config import ConfigError
 
-from .config import parse_listen
+from .argtypes import parse_listen
 from .coordinator import AgentInfo, RoundSummary
 
 if TYPE_CHECKING:

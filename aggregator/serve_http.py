@@ -19,7 +19,6 @@ tracebacks stay in the server's log.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
@@ -74,15 +73,6 @@ class RequestError(Exception):
     def __init__(self, code: int, message: str, /, *, close: bool = False, headers: tuple = (), **fields: Any) -> None:
         super().__init__(message)
         self.status, self.message, self.close, self.headers, self.fields = code, message, close, headers, fields
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:8080`` for IPv6; port 0: any free port) for ``--http``."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
-    return host, int(port)
 
 
 def _iso(t: float) -> str:
