@@ -73,8 +73,10 @@ class MetricsCsv:
     skipped, rounds the checkpoint's history has and the file lacks are
     written first). A round that brings a metric name the header does not
     have rewrites the file once with the wider header (atomically). A torn
-    last line (a crash mid-write) is cut off on start. Each row is flushed
-    and fsynced.
+    last line (a crash mid-write) is cut off on start. Rows are flushed,
+    not fsynced: the checkpoint is what is durable, and rows a crash loses
+    are written again from its history at the next start (no fsync of its
+    own on the round-close path).
     """
 
     def __init__(self, path: str | Path, current_round: int | None = None) -> None:
@@ -154,8 +156,6 @@ class MetricsCsv:
                 w.writerow([*FIXED_COLUMNS, *self.names])
             for s in rows:
                 w.writerow(csv_row(s, self.names))
-            fh.flush()
-            os.fsync(fh.fileno())
 
     def _rewrite(self, rows: Sequence[RoundSummary]) -> None:
         """The file again with a header that also has the new metric names."""
