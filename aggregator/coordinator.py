@@ -13,8 +13,10 @@ Synchronous rounds (DESIGN.md §4, after Bonawitz et al. 2019):
 - a round opens when at least ``min_agents`` eligible agents are online. The
   target is ``agents_per_round`` updates (or ``fraction`` of the eligible
   agents, or all of them); ``over_select`` times the target are selected by a
-  seeded sample, recorded in the journal, and published as the task; every
-  other agent gets a pace-steering hint of when to look again;
+  seeded sample and recorded in the journal; each selected agent gets a
+  retained ``selected`` notice on its own topic, then the task (which lists
+  nobody) is published; every other agent gets a pace-steering hint of when
+  to look again;
 - an update is accepted only if it is well-formed, for the open round, from a
   selected agent, on the current base version, the first from that agent,
   and came on the topic of the agent it names; everything else is dropped
@@ -277,7 +279,7 @@ class Coordinator:
             return actions + self._abandon(now, "the aggregator restarted during secure aggregation",
                                            charge=self.privacy is not None)
         if self.open is not None:
-            return actions + [self._task_publish(now)]
+            return actions + self._notices() + [self._task_publish(now)]
         opened = self._maybe_open(now)
         # No round can open yet: replace any stale task from an earlier run
         # by one that says so (and when to look again).
@@ -352,10 +354,10 @@ class Coordinator:
             return self._secagg_step(self.secagg.agent_offline(msg.agent, now), now)
         if self.open is not None and self.async_mode and self._usable(info):
             if msg.agent not in self.open.selected:
-                # Async rounds take whoever is there: let the newcomer in.
+                # Async rounds take whoever is there: let the newcomer in. The
+                # task selects every eligible agent, so nothing is published.
                 self.open.selected = sorted({*self.open.selected, msg.agent})
                 self.open.target = min(self.config.fedbuff.buffer, len(self.open.selected))
-                return [self._task_publish(now)]
             return []
         return self._maybe_open(now)
 
@@ -615,7 +617,7 @@ class Coordinator:
         record = {"type": "open", "round": self.round + 1, "attempt": self.attempt, "selected": selected,
                   "target": target, "opened_at": now, "deadline": None if math.isinf(deadline) else deadline,
                   "rng": self.rng.bit_generator.state, "q": q}
-        return [Journal(record), self._task_publish(now)]
+        return [Journal(record), *self._notices(), self._task_publish(now)]
 
     def _open_round(self, rnd: int, attempt: int, selected: list[str], target: int, now: float, deadline: float) -> None:
         self.open = _OpenRound(round=rnd, attempt=attempt, selected=list(selected), target=target,
@@ -769,7 +771,6 @@ class Coordinator:
             state="open",
             attempt=o.attempt,
             deadline=0.0 if self.async_mode else o.deadline,
-            selected=o.selected,
             config=wire.TrainConfig(
                 epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu,
                 clip_norm=clip_norm, noise_std=noise_std, count_noise_std=count_std,
@@ -783,10 +784,32 @@ class Coordinator:
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
 
+    def _notices(self) -> list[Publish]:
+        """The retained ``selected`` message of every agent selected in the open sync attempt.
+
+        Published before the task, so an agent usually holds its notice when
+        the task arrives (it handles either order). One small message per
+        selected agent instead of the whole selection in every agent's task:
+        O(1) bytes per device, and the ACL keeps each agent from reading the
+        others' (who was sampled stays as private as the accountant assumes).
+        Async tasks select every eligible agent and need none.
+        """
+        o = self.open
+        if o is None or self.async_mode:
+            return []
+        # Secure aggregation needs every device to know the whole selection (share points).
+        everyone = list(o.selected) if self.secagg is not None else []
+        return [
+            Publish(self.topics.selected(a), wire.encode(wire.SelectedMsg(
+                fed=self.config.federation, round=o.round, agent=a, attempt=o.attempt, base=self.version,
+                run=self.run, selected=everyone)), qos=1, retain=True)
+            for a in o.selected
+        ]
+
     def _task_waiting(self, now: float) -> Publish:
         task = wire.TaskMsg(
             fed=self.config.federation, round=self.round + 1, base=self.version, state="waiting",
-            attempt=self.attempt, selected=[], retry_after=self._pace(), mode=self.config.round.mode, run=self.run,
+            attempt=self.attempt, retry_after=self._pace(), mode=self.config.round.mode, run=self.run,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)
 
@@ -795,7 +818,7 @@ class Coordinator:
         # task where the next waiting task would stand, so a federation
         # continued after it (more rounds, a larger privacy budget) is followed.
         task = wire.TaskMsg(
-            fed=self.config.federation, round=self.round, base=self.version, state="done", selected=[],
+            fed=self.config.federation, round=self.round, base=self.version, state="done",
             attempt=self.attempt, mode=self.config.round.mode, run=self.run,
         )
         return Publish(self.topics.task, wire.encode(task), qos=1, retain=True)

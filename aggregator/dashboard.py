@@ -78,6 +78,8 @@ class _LiveCollector(_Collector):
                     self.view.agents.pop(agent, None)
                 elif kind == "model/onnx":
                     self.view.onnx_bytes = 0
+                elif kind == "selected":
+                    self.view.notices.pop(agent, None)
                 elif kind in ("model", "task", "metrics"):
                     setattr(self.view, kind, None)
                 return
@@ -85,8 +87,8 @@ class _LiveCollector(_Collector):
             super().on_message(conn, topic, payload, props)
             del self.view.undecodable[:-MAX_UNDECODABLE]
             t, m = self.view.task, self.view.metrics
-            if kind == "task" and t is not None and t is not before and t.state == "open":
-                for a in t.selected:
+            if kind in ("task", "selected") and t is not None and t.state == "open":
+                for a in self.view.selected() or ():
                     self.last_selected[a] = t.round
             if kind == "metrics" and m is not None and m is not before:
                 self._merge(m)
@@ -115,9 +117,9 @@ class _LiveCollector(_Collector):
                 "state": t.state, "round": t.round, "attempt": t.attempt, "mode": t.mode,
                 "deadline": t.deadline or None,
                 "deadline_in": max(0.0, t.deadline - now) if t.deadline and t.state == "open" else None,
-                "selected": list(t.selected), "dp_mode": t.config.dp_mode,
+                "selected": v.selected(), "dp_mode": t.config.dp_mode,
                 "secagg": t.secagg.mode if t.secagg is not None else ""}
-            selected = set(t.selected) if t is not None and t.state == "open" else set()
+            selected = set(v.selected() or ())
             out["agents"] = [
                 {"id": a, "state": s.state, "eligible": s.eligible, "reason": s.reason, "model_round": s.round,
                  "last_selected": self.last_selected.get(a), "samples": s.num_samples, "software": s.software,
@@ -368,7 +370,7 @@ function render(s) {
   set("task-deadline", t && t.deadline_in !== null ? "deadline in " + Math.round(t.deadline_in) + " s, at "
       + new Date(t.deadline * 1000).toLocaleTimeString() : "");
   set("task-detail", t ? t.mode + (t.attempt ? ", attempt " + t.attempt : "")
-      + (t.state === "open" ? ", " + t.selected.length + " selected" : "")
+      + (t.state === "open" && t.selected !== null ? ", " + t.selected.length + " selected" : "")
       + (t.dp_mode ? ", DP " + t.dp_mode : "") + (t.secagg ? ", " + t.secagg : "") : "");
   set("last-round", lm ? lm.round : "–");
   const v = lm ? lm.values : {};

@@ -302,7 +302,8 @@ def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
         "# (add-agent and add-observer rewrite it: install it again and reload the broker).",
         "# Anything not allowed here is denied. Every topic line applies to the user",
         "# line above it: an agent may publish only its own update and status and read",
-        "# its own inbox and the federation's model, model/onnx, task, metrics(/json), keys;",
+        "# its own inbox and selected notice, and the federation's model, model/onnx, task,",
+        "# metrics(/json), keys (so no agent learns who else is selected);",
         "# an observer may only read; the aggregator may use everything under",
         f"# {p}/. There are no pattern lines: they would apply to the observers too.",
         "",
@@ -317,7 +318,8 @@ def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
         out += ["", f"# Agent {a}", f"user {a}",
                 f"topic write {p}/update/{a}",
                 f"topic write {p}/agent/{a}/status",
-                f"topic read {p}/agent/{a}/inbox"]
+                f"topic read {p}/agent/{a}/inbox",
+                f"topic read {p}/agent/{a}/selected"]
         out += [f"topic read {p}/{t}" for t in AGENT_READS]
     return "\n".join(out) + "\n"
 

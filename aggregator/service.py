@@ -236,7 +236,8 @@ class AggregatorService:
             return None
 
     def _signed(self, p: Publish) -> Publish:
-        if self.signer is None or p.topic not in self._signed_topics:
+        if self.signer is None or (p.topic not in self._signed_topics
+                                   and self.coordinator.topics.parse(p.topic)[0] != "selected"):
             return p
         return replace(p, user_properties=p.user_properties + self.signer.properties(p.topic, p.payload))
 

@@ -31,8 +31,28 @@ class FleetView:
     task: wire.TaskMsg | None = None
     metrics: wire.MetricsMsg | None = None
     agents: dict[str, wire.StatusMsg] = field(default_factory=dict)
+    # Retained per-agent `selected` notices. A provisioned broker lets only
+    # the aggregator and each agent itself read them: an observer sees none.
+    notices: dict[str, wire.SelectedMsg] = field(default_factory=dict)
     onnx_bytes: int = 0
     undecodable: list[str] = field(default_factory=list)
+
+    def selected(self) -> list[str] | None:
+        """The agents the open task selects, sorted; None when that is not visible here.
+
+        ``sync``: the agents whose notice names the open attempt (None when no
+        notice is readable, as for an observer on a provisioned broker).
+        ``async``: every eligible online agent. Nobody in a task that is not open.
+        """
+        t = self.task
+        if t is None or t.state != "open":
+            return []
+        if t.mode == "async":
+            return sorted(a for a, s in self.agents.items() if s.state == "online" and s.eligible)
+        if not self.notices:
+            return None
+        key = (t.run, t.round, t.attempt, t.base)
+        return sorted(a for a, n in self.notices.items() if (n.run, n.round, n.attempt, n.base) == key)
 
 
 class _Collector:
@@ -64,6 +84,8 @@ class _Collector:
             return
         if kind == "status":
             self.view.agents[agent] = msg
+        elif kind == "selected":
+            self.view.notices[agent] = msg
         else:
             setattr(self.view, kind, msg)
 
@@ -97,7 +119,9 @@ def render(v: FleetView) -> str:
                      f"{v.model.spec.layer_sizes()}" + (f", ONNX {v.onnx_bytes} bytes" if v.onnx_bytes else ""))
     if v.task is not None:
         t = v.task
-        what = {"open": f"round {t.round} attempt {t.attempt} open, {len(t.selected)} selected"
+        chosen = v.selected()
+        what = {"open": f"round {t.round} attempt {t.attempt} open"
+                        + (f", {len(chosen)} selected" if chosen is not None else "")
                         + (f", deadline in {max(0.0, t.deadline - time.time()):.0f}s" if t.deadline else ""),
                 "waiting": f"waiting for agents to open round {t.round}",
                 "done": f"finished after round {t.round}"}[t.state]

@@ -107,8 +107,10 @@ def child_agent(data_path: str, kind: str, rounds: int) -> None:
         version = wire.params_version(params)
         # the model of round rnd - 1 is what round rnd trains on (agents refuse a task behind their model)
         model_payload = wire.encode(wire.ModelMsg(FED, rnd - 1, version, spec, params))
-        task_payload = wire.encode(wire.TaskMsg(FED, rnd, version, selected=[AGENT_ID], config=config))
-        actions = core.receive(topics.model, model_payload) + core.receive(topics.task, task_payload)
+        task_payload = wire.encode(wire.TaskMsg(FED, rnd, version, config=config))
+        notice = wire.encode(wire.SelectedMsg(FED, rnd, AGENT_ID, 0, version))
+        actions = (core.receive(topics.model, model_payload) + core.receive(topics.selected(AGENT_ID), notice)
+                   + core.receive(topics.task, task_payload))
         if [a for a in actions if isinstance(a, Train)] != [Train(rnd)]:
             raise SystemExit(f"round {rnd}: agent did not ask to train: {actions} (rejected {dict(core.rejected)})")
         publish = next(a for a in core.train(rnd) if isinstance(a, Publish))

@@ -43,6 +43,11 @@ TaskKey = tuple[int, int, int, int]  # (run, round the task is for, attempt, sta
 # when the privacy budget ends the run, and precedes it when a finished
 # federation is continued (more rounds, a larger budget), so it ranks equal.
 _TASK_STAGE = {"waiting": 0, "open": 1, "done": 0}
+# `selected` notices held (by arrival, the oldest dropped first). The aggregator
+# has one attempt open at a time and publishes its notices before its task,
+# so one would do; a few more keep a notice whose task is still on its way
+# when a reordering or a forged notice (a broker without ACL) comes between.
+MAX_HELD_NOTICES = 4
 
 
 def model_key(msg: wire.ModelMsg) -> ModelKey:
@@ -119,8 +124,9 @@ Action = Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox | SaveTru
 class AgentCore:
     """The decision logic of one agent.
 
-    Rules: train only when eligible and selected in an open task whose base
-    version equals the model we hold; train at most once per (round,
+    Rules: train only when eligible and selected (by our retained notice, or
+    by an async task) for an open task whose base version equals the model
+    we hold; train at most once per (round,
     attempt), remembered across restarts; keep each update in the outbox
     until its round is over and send it again after a reconnect while the
     round is open; drop anything malformed with a counted reason and leave
@@ -140,6 +146,10 @@ class AgentCore:
     topics: Topics = field(init=False)
     model_msg: wire.ModelMsg | None = field(default=None, init=False)
     task: wire.TaskMsg | None = field(default=None, init=False)
+    # The last `selected` notices for this agent, by (run, round, attempt,
+    # base), oldest first: one selects us for the open task with that key and
+    # for nothing else.
+    notices: dict[tuple[int, int, int, str], wire.SelectedMsg] = field(default_factory=dict, init=False)
     trained: set[tuple[int, int]] = field(default_factory=set)
     outbox: dict[tuple[int, int], bytes] = field(default_factory=dict)
     # The newest model and task accepted (loaded from and saved to the store):
@@ -190,8 +200,12 @@ class AgentCore:
     # -- what to say and hear -------------------------------------------------
 
     def subscriptions(self) -> list[str]:
-        # the inbox carries secure-aggregation messages addressed to this device
-        subs = [self.topics.model, self.topics.task, self.topics.inbox(self.agent_id)]
+        # Our `selected` notice before the task: the broker then sends the
+        # retained notice first, so a reconnecting agent that is selected does
+        # not see the open task without it (either order works, this one logs less).
+        # The inbox carries secure-aggregation messages addressed to this device.
+        subs = [self.topics.model, self.topics.selected(self.agent_id), self.topics.task,
+                self.topics.inbox(self.agent_id)]
         return subs + [self.topics.keys] if self.verifier is not None else subs
 
     def status(self, state: str = "online") -> Publish:
@@ -216,7 +230,7 @@ class AgentCore:
         kind, addressee = self.topics.parse(topic)
         if not payload:
             return []  # a cleared retained message: nothing to act on
-        if self.verifier is not None and kind in ("model", "task", "keys"):
+        if self.verifier is not None and kind in ("model", "task", "keys", "selected"):
             try:
                 self.verifier.verify(topic, payload, props or {})
             except SignatureError as exc:
@@ -232,11 +246,15 @@ class AgentCore:
             if addressee != self.agent_id:
                 return self._reject("not_for_us", f"{topic} is another device's inbox")
             return self._on_inbox(payload)
+        if kind == "selected" and addressee != self.agent_id:
+            return self._reject("not_for_us", f"{topic} is another device's notice")
         try:
             if kind == "model":
                 return self._on_model(wire.decode(payload, expect="model", fed=self.fed))
             if kind == "task":
                 return self._on_task(wire.decode(payload, expect="task", fed=self.fed))
+            if kind == "selected":
+                return self._on_selected(wire.decode(payload, expect="selected", fed=self.fed))
             if kind == "keys" and self.verifier is not None:
                 # Signed by a key we trust (checked above): trust what it announces.
                 new = self.verifier.add(wire.decode(payload, expect="keys", fed=self.fed).keys)
@@ -452,6 +470,8 @@ class AgentCore:
         self.resent.clear()
         # The old run's model or task must not meet the new run's (a fresh
         # federation's round-0 model can have the same version as the old one's).
+        # (The notices stay: one of the old run matches no task of the new
+        # run, and the new run's notice may have come before its task.)
         self.model_msg = self.task = None
         self.finished = False
         return actions
@@ -493,11 +513,41 @@ class AgentCore:
                 self.finished = True
                 actions.append(Done(msg.round))
             return accepted + actions
-        if msg.state == "open" and self.agent_id not in msg.selected and msg.retry_after > 0:
+        if msg.state == "open" and not self._selected(msg) and msg.retry_after > 0:
             self.retry_after = msg.retry_after  # pace steering: when to look again
             log.debug("%s: not selected in round %d; next round expected in ~%.0fs",
                       self.agent_id, msg.round, msg.retry_after)
         return accepted + actions + self._resend() + self._maybe_train()
+
+    def _on_selected(self, msg: wire.SelectedMsg) -> list[Action]:
+        """A notice that we are selected for one attempt: hold it (a few at most), then try to train.
+
+        No replay check of its own: a notice selects us only for the open task
+        with the same (run, round, attempt, base), and that task passed the
+        task's replay check, so an old notice selects us for nothing.
+        """
+        if msg.agent != self.agent_id:
+            return self._reject("identity_mismatch", f"notice on our topic names {msg.agent}")
+        key = (msg.run, msg.round, msg.attempt, msg.base)
+        self.notices.pop(key, None)
+        self.notices[key] = msg
+        while len(self.notices) > MAX_HELD_NOTICES:
+            del self.notices[next(iter(self.notices))]
+        return self._maybe_train()
+
+    def _selected(self, t: wire.TaskMsg) -> bool:
+        """Does the open task ``t`` select this agent? (async: every eligible agent; sync: our notice says so)."""
+        if t.mode == "async":
+            return True
+        s = self.notices.get((t.run, t.round, t.attempt, t.base))
+        if s is None:
+            return False
+        # Secure aggregation: share points are positions in the selection, which must include us.
+        return t.secagg is None or self.agent_id in s.selected
+
+    def _selection(self, t: wire.TaskMsg) -> list[str]:
+        """The whole selection of the open secure-aggregation task ``t``, from our notice for it."""
+        return self.notices[(t.run, t.round, t.attempt, t.base)].selected
 
     def _resend(self) -> list[Action]:
         """The outbox entry of the open task, once per connection (the aggregator drops a second copy)."""
@@ -515,7 +565,7 @@ class AgentCore:
         t, m = self.task, self.model_msg
         if t is None or m is None or t.state != "open" or not self.eligible or self.problem is not None:
             return []
-        if self.agent_id not in t.selected or (t.round, t.attempt) in self.trained:
+        if not self._selected(t) or (t.round, t.attempt) in self.trained:
             return []
         if t.base != m.version:
             return []  # the matching model has not arrived yet; it will trigger us
@@ -538,7 +588,7 @@ class AgentCore:
             or m is None
             or t.state != "open"
             or (t.round, t.attempt) != (round_number, attempt)
-            or self.agent_id not in t.selected
+            or not self._selected(t)
             or t.base != m.version
         ):
             log.info("%s: round %d attempt %d moved on before training started; skipped",
@@ -572,8 +622,8 @@ class AgentCore:
             from .secagg.client import SecAggClient
 
             weight = min(max(1, self.data.num_samples), t.secagg.max_weight) if t.secagg.max_weight else 1
-            self.secagg_client = SecAggClient(self.fed, self.agent_id, round_number, attempt, t.selected, t.secagg,
-                                              m.spec.flatten(delta), identity=self.secagg_identity,
+            self.secagg_client = SecAggClient(self.fed, self.agent_id, round_number, attempt, self._selection(t),
+                                              t.secagg, m.spec.flatten(delta), identity=self.secagg_identity,
                                               verifier=self.secagg_verifier, weight=weight)
             self.updates_sent += 1
             from .secagg.messages import encode as encode_secagg

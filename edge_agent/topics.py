@@ -72,11 +72,15 @@ class Topics:
     def inbox(self, agent: str) -> str:
         return f"{self.prefix}/agent/{_agent(agent)}/inbox"
 
+    def selected(self, agent: str) -> str:
+        """The retained notice that ``agent`` is selected for an attempt (aggregator → that agent only)."""
+        return f"{self.prefix}/agent/{_agent(agent)}/selected"
+
     def parse(self, topic: str) -> tuple[str, str | None]:
         """Classify a topic of this federation: (kind, agent id or None).
 
         kind is one of model, model/onnx, task, metrics, metrics/json, keys,
-        update, status, inbox, or "" for a topic that is not one of ours (including a
+        update, status, inbox, selected, or "" for a topic that is not one of ours (including a
         malformed agent id, which a hostile client could try).
         """
         head = self.prefix + "/"
@@ -88,7 +92,7 @@ class Topics:
         parts = rest.split("/")
         if len(parts) == 2 and parts[0] == "update" and valid_id(parts[1]):
             return "update", parts[1]
-        if len(parts) == 3 and parts[0] == "agent" and parts[2] in ("status", "inbox") and valid_id(parts[1]):
+        if len(parts) == 3 and parts[0] == "agent" and parts[2] in ("status", "inbox", "selected") and valid_id(parts[1]):
             return parts[2], parts[1]
         return "", None
 

@@ -30,14 +30,19 @@ import numpy as np
 
 from .spec import ModelSpec
 
-WIRE_VERSION = 1
+# 2: the task no longer lists the selected agents; each selected agent gets
+# its own retained `selected` message instead (docs/PROTOCOL.md §3.8). An
+# agent of version 1 would find itself in no task and never train, so the
+# version says it cannot follow.
+WIRE_VERSION = 2
 
 # Largest payload decoded at all. 32 MiB holds a float32 model of 8 Mi
 # parameters, far beyond what a device trains, and matches the broker's
 # max_packet_size in mosquitto.conf (which adds room for topic and headers).
 MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
-# msgpack container limits. A task may list every selected agent of a large
-# fleet, so lists get 100k entries; maps (params, metrics, config) are small.
+# msgpack container limits. A secure-aggregation `selected` message lists the
+# attempt's whole selection, so lists get 100k entries (far beyond what one
+# SecAgg round can hold); maps (params, metrics, config) are small.
 MAX_LIST_LEN = 100_000
 MAX_MAP_LEN = 1024
 # Strings are ids, names and versions: 64 KiB is generous and keeps a hostile
@@ -72,7 +77,7 @@ _WIRE_DTYPE_NAMES = {dt: name for name, dt in _NP_DTYPES.items()}
 _PARAM_NP_DTYPE = _NP_DTYPES[PARAM_DTYPE]
 _ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
 
-KINDS = ("model", "task", "update", "status", "metrics", "keys")
+KINDS = ("model", "task", "update", "status", "metrics", "keys", "selected")
 TASK_STATES = ("open", "waiting", "done")
 TASK_MODES = ("sync", "async")
 # task.config.dp_mode: "" no DP; "central": the (trusted) aggregator adds the
@@ -189,7 +194,6 @@ class TaskMsg:
     state: str = "open"
     attempt: int = 0
     deadline: float = 0.0
-    selected: list[str] = field(default_factory=list)
     config: TrainConfig = field(default_factory=TrainConfig)
     # Pace steering: seconds until the next round is expected to open, so an
     # agent that is not selected can sleep instead of staying awake for it.
@@ -201,6 +205,29 @@ class TaskMsg:
     secagg: SecAggParams | None = None
     # The federation run, as in ModelMsg.
     run: int = 0
+
+
+@dataclass
+class SelectedMsg:
+    """One agent is selected for one attempt (retained on ``fl/<fed>/agent/<agent>/selected``).
+
+    The task no longer lists the selection: each selected agent gets this
+    message on its own topic, so a device reads a few dozen bytes per round
+    whatever the fleet size, and, with the broker's ACL, never learns who
+    else was selected. It selects the agent for the open task with the same
+    ``(run, round, attempt, base)`` and for nothing else, so a stale one left
+    retained from an earlier attempt is harmless.
+    """
+
+    fed: str
+    round: int
+    agent: str
+    attempt: int
+    base: str
+    run: int = 0
+    # Secure-aggregation attempts only: the whole selection, sorted (share
+    # points are positions in it, docs/PROTOCOL.md §7). Empty otherwise.
+    selected: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -258,7 +285,7 @@ class KeysMsg:
     keys: list[str] = field(default_factory=list)
 
 
-Message = ModelMsg | TaskMsg | UpdateMsg | StatusMsg | MetricsMsg | KeysMsg
+Message = ModelMsg | TaskMsg | UpdateMsg | StatusMsg | MetricsMsg | KeysMsg | SelectedMsg
 
 
 # --------------------------------------------------------------------------
@@ -424,7 +451,6 @@ def encode(msg: Message) -> bytes:
             "state": msg.state,
             "attempt": msg.attempt,
             "deadline": float(msg.deadline),
-            "selected": list(msg.selected),
             "config": {
                 "epochs": msg.config.epochs,
                 "batch_size": msg.config.batch_size,
@@ -460,6 +486,9 @@ def encode(msg: Message) -> bytes:
         }
     elif isinstance(msg, KeysMsg):
         body = {"keys": list(msg.keys)}
+    elif isinstance(msg, SelectedMsg):
+        body = {"agent": msg.agent, "attempt": msg.attempt, "base": msg.base, "run": msg.run,
+                "selected": list(msg.selected)}
     else:
         body = {
             "version": msg.version,
@@ -522,7 +551,7 @@ def _bin_header(n: int) -> bytes:
 
 
 _KIND_OF = {ModelMsg: "model", TaskMsg: "task", UpdateMsg: "update", StatusMsg: "status", MetricsMsg: "metrics",
-            KeysMsg: "keys"}
+            KeysMsg: "keys", SelectedMsg: "selected"}
 
 
 # --------------------------------------------------------------------------
@@ -601,9 +630,6 @@ def decode(
         state = r.text("state")
         if state not in TASK_STATES:
             raise WireError("bad_field", f"task.state must be one of {TASK_STATES}, got {state!r}")
-        selected = r.get("selected", list)
-        if not all(valid_id(a) for a in selected):
-            raise WireError("bad_field", "task.selected must be a list of agent ids")
         cfg = r.get("config", dict)
         c = _Reader(cfg, "task.config")
         config = TrainConfig(
@@ -628,7 +654,6 @@ def decode(
             state=state,
             attempt=r.nonneg_int("attempt"),
             deadline=r.number("deadline"),
-            selected=selected,
             config=config,
             retry_after=r.nonneg_float("retry_after") if "retry_after" in m else 0.0,
             mode=mode,
@@ -670,6 +695,12 @@ def decode(
         ):
             raise WireError("bad_field", f"keys.keys must be 1..{MAX_SIGNING_KEYS} Ed25519 public keys (64 hex digits)")
         msg = KeysMsg(fed=msg_fed, round=rnd, keys=keys)
+    elif kind == "selected":
+        selection = r.get("selected", list)
+        if not all(valid_id(a) for a in selection):
+            raise WireError("bad_field", "selected.selected must be a list of agent ids")
+        msg = SelectedMsg(fed=msg_fed, round=rnd, agent=r.id("agent"), attempt=r.nonneg_int("attempt"),
+                          base=r.text("base"), run=r.run(), selected=selection)
     else:
         msg = MetricsMsg(
             fed=msg_fed,

@@ -218,3 +218,18 @@ def load_example(name: str, *modules: str) -> list:
         return [importlib.import_module(m) for m in modules]
     finally:
         sys.path.remove(folder)
+
+
+def deliver_task(core, task, selection=()) -> list:
+    """An open sync attempt as a selected agent gets it from the broker: its retained notice, then the task.
+
+    ``selection`` is the notice's list of the whole selection (secure aggregation only).
+    Returns the actions of both messages.
+    """
+    from edge_agent import wire
+    from edge_agent.topics import Topics
+
+    t = Topics(task.fed)
+    notice = wire.SelectedMsg(task.fed, task.round, core.agent_id, task.attempt, task.base, run=task.run,
+                              selected=list(selection))
+    return core.receive(t.selected(core.agent_id), wire.encode(notice)) + core.receive(t.task, wire.encode(task))

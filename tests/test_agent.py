@@ -37,10 +37,27 @@ def model_msg(round_: int = 0, seed: int = 0, spec: ModelSpec = SPEC, run: int =
     return T.model, wire.encode(m), m
 
 
-def task_msg(m: wire.ModelMsg, selected=("me",), attempt: int = 0, state: str = "open", round_: int | None = None):
+def task_msg(m: wire.ModelMsg, attempt: int = 0, state: str = "open", round_: int | None = None):
     t = wire.TaskMsg(FED, m.round + 1 if round_ is None else round_, m.version, state, attempt, 100.0,
-                     list(selected), wire.TrainConfig(2, 8, 0.1), run=m.run)
+                     wire.TrainConfig(2, 8, 0.1), run=m.run)
     return T.task, wire.encode(t)
+
+
+def notice_msg(m: wire.ModelMsg, attempt: int = 0, round_: int | None = None, agent: str = "me",
+               selected=()) -> tuple[str, bytes]:
+    """The retained notice that ``agent`` is selected for the attempt ``task_msg`` opens on ``m``."""
+    n = wire.SelectedMsg(FED, m.round + 1 if round_ is None else round_, agent, attempt, m.version, run=m.run,
+                         selected=list(selected))
+    return T.selected(agent), wire.encode(n)
+
+
+def deliver(c: AgentCore, m: wire.ModelMsg, selected=("me",), attempt: int = 0, state: str = "open",
+            round_: int | None = None) -> list:
+    """An attempt as the broker delivers it to ``c``: its notice (when ``selected`` names it), then the task."""
+    actions = []
+    if state == "open" and c.agent_id in selected:
+        actions += c.receive(*notice_msg(m, attempt, round_, c.agent_id))
+    return actions + c.receive(*task_msg(m, attempt, state, round_))
 
 
 def effects(actions) -> list:
@@ -61,8 +78,8 @@ def test_trains_once_when_selected_on_the_model_it_holds():
     c = core()
     topic, payload, m = model_msg()
     assert effects(c.receive(topic, payload)) == []
-    assert trains(c.receive(*task_msg(m))) == [Train(1, 0)]
-    assert c.receive(*task_msg(m)) == []  # the same task again (e.g. retained redelivery)
+    assert trains(deliver(c, m)) == [Train(1, 0)]
+    assert deliver(c, m) == []  # the same task again (e.g. retained redelivery)
     put, pub = c.train(1, 0)
     assert isinstance(put, PutOutbox) and put.key == (1, 0) and put.payload == pub.payload
     assert isinstance(pub, Publish) and pub.topic == T.update("me") and pub.qos == 1 and not pub.retain
@@ -82,7 +99,7 @@ def test_trains_once_when_selected_on_the_model_it_holds():
 def test_task_before_model_waits_for_the_matching_model():
     c = core()
     topic, payload, m = model_msg()
-    assert effects(c.receive(*task_msg(m))) == []
+    assert effects(deliver(c, m)) == []
     assert trains(c.receive(topic, payload)) == [Train(1, 0)]
 
 
@@ -90,27 +107,27 @@ def test_not_selected_or_other_base_does_not_train():
     c = core()
     topic, payload, m = model_msg()
     c.receive(topic, payload)
-    assert effects(c.receive(*task_msg(m, selected=("someone-else",)))) == []
+    assert effects(deliver(c, m, selected=("someone-else",))) == []
     _, _, other = model_msg(round_=3)
-    assert effects(c.receive(*task_msg(other, round_=1))) == []  # base is a model we do not hold
+    assert effects(deliver(c, other, round_=1)) == []  # base is a model we do not hold
 
 
 def test_a_rerun_attempt_trains_again():
     c = core()
     topic, payload, m = model_msg()
     c.receive(topic, payload)
-    assert trains(c.receive(*task_msg(m, attempt=0))) == [Train(1, 0)]
-    assert trains(c.receive(*task_msg(m, attempt=1))) == [Train(1, 1)]
+    assert trains(deliver(c, m, attempt=0)) == [Train(1, 0)]
+    assert trains(deliver(c, m, attempt=1)) == [Train(1, 1)]
 
 
 def test_training_is_skipped_when_the_task_moved_on():
     c = core()
     topic, payload, m = model_msg()
     c.receive(topic, payload)
-    c.receive(*task_msg(m, attempt=0))
-    c.receive(*task_msg(m, attempt=1, selected=("other",)))  # re-run without us
+    deliver(c, m, attempt=0)
+    deliver(c, m, attempt=1, selected=("other",))  # re-run without us
     assert c.train(1, 0) == []
-    c.receive(*task_msg(m, state="done"))
+    deliver(c, m, state="done")
     assert c.train(1, 1) == []
     assert c.updates_sent == 0
 
@@ -118,8 +135,8 @@ def test_training_is_skipped_when_the_task_moved_on():
 def test_done_task_is_reported_once():
     c = core()
     _, _, m = model_msg()
-    assert effects(c.receive(*task_msg(m, state="done"))) == [Done(1)]
-    assert c.receive(*task_msg(m, state="done")) == []
+    assert effects(deliver(c, m, state="done")) == [Done(1)]
+    assert deliver(c, m, state="done") == []
     assert c.finished
 
 
@@ -165,7 +182,7 @@ def test_a_restarted_federation_is_followed_even_though_its_rounds_start_again()
     topic, payload, m = model_msg(round_=0, run=2)
     c.receive(topic, payload)
     assert c.model_msg.round == 0 and not c.rejected
-    assert trains(c.receive(*task_msg(m))) == [Train(1, 0)]
+    assert trains(deliver(c, m)) == [Train(1, 0)]
 
 
 def test_cleared_retained_messages_and_foreign_topics_are_ignored():
@@ -197,7 +214,7 @@ def test_ineligible_agent_says_why_and_does_not_train_until_eligible_again():
     (status,) = c.set_eligibility(False, "battery at 12%, below 30%")
     s = wire.decode(status.payload, expect="status")
     assert s.eligible is False and s.reason == "battery at 12%, below 30%" and status.retain
-    assert trains(c.receive(*task_msg(m))) == []
+    assert trains(deliver(c, m)) == []
     assert c.set_eligibility(False, "battery at 12%, below 30%") == []  # no change, nothing published
     actions = c.set_eligibility(True)
     assert wire.decode(actions[0].payload).eligible is True
@@ -208,16 +225,16 @@ def test_outbox_resends_after_reconnect_while_the_round_is_open_and_drops_it_aft
     c = core()
     topic, payload, m = model_msg()
     c.receive(topic, payload)
-    c.receive(*task_msg(m))
+    deliver(c, m)
     put, pub = c.train(1, 0)
     assert c.outbox == {(1, 0): pub.payload}
     again = [a for a in c.connected() if isinstance(a, Publish) and a.topic == T.update("me")]
     assert [a.payload for a in again] == [pub.payload]
-    assert [a for a in c.receive(*task_msg(m)) if isinstance(a, Publish)] == []  # once per connection
+    assert [a for a in deliver(c, m) if isinstance(a, Publish)] == []  # once per connection
     # the round closes: the next task drops the entry
     _, payload2, m2 = model_msg(round_=1)
     c.receive(T.model, payload2)
-    actions = c.receive(*task_msg(m2, selected=("other",)))
+    actions = deliver(c, m2, selected=("other",))
     assert DropOutbox((1, 0)) in actions and c.outbox == {}
 
 
@@ -231,14 +248,14 @@ def test_a_restarted_agent_with_its_store_neither_retrains_nor_loses_its_update(
     first = AgentRunner(Loop(), core(), BrokerConfig(), store=store)
     topic, payload, m = model_msg()
     first._execute(first.core.receive(topic, payload))
-    first._execute(first.core.receive(*task_msg(m)))
+    first._execute(deliver(first.core, m))
     first._execute(first.core.train(1, 0))  # what the deferred job would run
     assert store.load_trained() == {(1, 0)} and list(store.load_outbox()) == [(1, 0)]
 
     second = AgentRunner(Loop(), core(), BrokerConfig(), store=AgentStore(tmp_path))
     c = second.core
     c.receive(topic, payload)
-    actions = c.receive(*task_msg(m))
+    actions = deliver(c, m)
     assert trains(actions) == []  # trained before the restart
     assert [a.payload for a in actions if isinstance(a, Publish)] == [store.load_outbox()[(1, 0)]]
 
@@ -247,7 +264,7 @@ def test_not_selected_agents_keep_the_pace_hint():
     c = core()
     topic, payload, m = model_msg()
     c.receive(topic, payload)
-    t = wire.TaskMsg(FED, 1, m.version, "open", 0, 100.0, ["other"], wire.TrainConfig(), retry_after=42.0)
+    t = wire.TaskMsg(FED, 1, m.version, "open", 0, 100.0, wire.TrainConfig(), retry_after=42.0)
     c.receive(T.task, wire.encode(t))
     assert c.retry_after == 42.0
 
@@ -256,7 +273,7 @@ def test_waiting_task_does_not_train():
     c = core()
     topic, payload, m = model_msg()
     c.receive(topic, payload)
-    assert trains(c.receive(*task_msg(m, state="waiting"))) == []
+    assert trains(deliver(c, m, state="waiting")) == []
 
 
 def test_a_restarted_federation_is_trained_for_even_with_remembered_rounds():
@@ -267,4 +284,4 @@ def test_a_restarted_federation_is_trained_for_even_with_remembered_rounds():
     topic, payload, m = model_msg(round_=0)
     actions = c.receive(topic, payload)
     assert SaveTrained(set()) in actions and DropOutbox((20, 0)) in actions
-    assert trains(c.receive(*task_msg(m))) == [Train(1, 0)]
+    assert trains(deliver(c, m)) == [Train(1, 0)]

@@ -22,6 +22,8 @@ from edge_agent.mqtt import Publish
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
 
+from .conftest import deliver_task
+
 FED = "f"
 T = Topics(FED)
 
@@ -83,9 +85,8 @@ def model_message(model, round_=0):
     return T.model, wire.encode(m), m
 
 
-def task(m, selected=("me",)):
-    t = wire.TaskMsg(FED, m.round + 1, m.version, "open", 0, 100.0, list(selected), wire.TrainConfig(2, 8, 0.1))
-    return T.task, wire.encode(t)
+def task(m):
+    return wire.TaskMsg(FED, m.round + 1, m.version, "open", 0, 100.0, wire.TrainConfig(2, 8, 0.1))
 
 
 def status_of(actions):
@@ -172,7 +173,7 @@ def test_a_device_with_a_custom_model_trains_and_sends_the_same_named_arrays():
     c = AgentCore(agent_id="me", fed=FED, data=regression_data(40, 10), seed=1, model=model)
     topic, payload, m = model_message(model)
     c.receive(topic, payload)
-    assert [a for a in c.receive(*task(m)) if isinstance(a, Train)] == [Train(1, 0)]
+    assert [a for a in deliver_task(c, task(m)) if isinstance(a, Train)] == [Train(1, 0)]
     _, pub = c.train(1, 0)
     u = wire.decode(pub.payload, expect="update", spec=model.spec)
     assert list(u.delta) == ["dense.w", "dense.b"] and u.num_samples == 40
@@ -244,7 +245,7 @@ def test_a_plugin_that_fails_makes_the_device_say_so_and_send_nothing(how, reaso
     c = AgentCore(agent_id="me", fed=FED, data=regression_data(), model=model)
     topic, payload, m = model_message(model)
     c.receive(topic, payload)
-    c.receive(*task(m))
+    deliver_task(c, task(m))
     actions = c.train(1, 0)
     assert [a for a in actions if isinstance(a, Publish) and a.topic == T.update("me")] == []
     st = status_of(actions)
@@ -253,7 +254,7 @@ def test_a_plugin_that_fails_makes_the_device_say_so_and_send_nothing(how, reaso
     # ...and it does not train again when selected for the next round
     _, payload2, m2 = model_message(model, round_=1)
     c.receive(topic, payload2)
-    assert [a for a in c.receive(*task(m2)) if isinstance(a, Train)] == []
+    assert [a for a in deliver_task(c, task(m2)) if isinstance(a, Train)] == []
 
 
 # ---------------------------------------------------------------------------

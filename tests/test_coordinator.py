@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -56,6 +57,17 @@ def published(actions, topic: str):
     return [a for a in actions if isinstance(a, Publish) and a.topic == topic]
 
 
+def notified(actions) -> list[str]:
+    """The agents given a retained ``selected`` notice by these actions, checked against their topics."""
+    out = []
+    for a in actions:
+        if isinstance(a, Publish) and T.parse(a.topic)[0] == "selected":
+            n = wire.decode(a.payload, expect="selected", fed=FED)
+            assert a.retain and a.qos == 1 and a.topic == T.selected(n.agent)
+            out.append(n.agent)
+    return sorted(out)
+
+
 def started(n_agents: int = 3, **kw) -> Coordinator:
     c = Coordinator(config(**kw), FedAvg())
     c.start(0.0)
@@ -74,7 +86,7 @@ def test_start_publishes_the_initial_model_retained():
     assert c.open is None  # nobody online yet
 
 
-def test_round_opens_when_min_agents_are_online_and_task_lists_them():
+def test_round_opens_when_min_agents_are_online_and_each_selected_agent_is_notified():
     c = Coordinator(config(min_agents=2), FedAvg())
     c.start(0.0)
     assert c.receive(*status("a0"), now=1.0) == []
@@ -82,7 +94,17 @@ def test_round_opens_when_min_agents_are_online_and_task_lists_them():
     (pub,) = published(actions, T.task)
     task = wire.decode(pub.payload)
     assert pub.retain and task.round == 1 and task.state == "open" and task.base == c.version
-    assert task.selected == ["a0", "a1"] and task.deadline == 11.0
+    assert task.deadline == 11.0
+    # The task names nobody (O(1) bytes per device); each selected agent gets
+    # its own notice for this attempt, published before the task.
+    assert "selected" not in msgpack.unpackb(pub.payload)
+    assert notified(actions) == ["a0", "a1"]
+    order = [a.topic for a in actions if isinstance(a, Publish)]
+    assert order.index(T.task) > max(order.index(T.selected(a)) for a in ("a0", "a1"))
+    for a in ("a0", "a1"):
+        (n,) = published(actions, T.selected(a))
+        n = wire.decode(n.payload)
+        assert (n.round, n.attempt, n.base, n.run, n.selected) == (1, 0, c.version, c.run, [])
 
 
 def test_offline_or_ineligible_agents_are_not_selected():
@@ -386,9 +408,9 @@ def test_over_selection_and_closing_at_the_target():
     actions = []
     for i in range(10):
         actions = c.receive(*status(f"a{i}"), now=0.0) or actions
-    task = _task(actions)
-    assert len(task.selected) == 6  # ceil(4 x 1.3)
-    first4 = task.selected[:4]
+    chosen = notified(actions)
+    assert len(chosen) == 6 and chosen == c.open.selected  # ceil(4 x 1.3)
+    first4 = chosen[:4]
     for a in first4[:3]:
         c.receive(*update(c, a, [1, 1]), now=1.0)
     assert c.round == 0
@@ -399,7 +421,7 @@ def test_over_selection_and_closing_at_the_target():
     m = wire.decode(published(actions, T.metrics)[0].payload)
     assert m.metrics["dropouts"] == 2 and m.metrics["selected"] == 6
     # the two late ones are now for a closed round
-    _assert_rejected(c, "wrong_round", update(c, task.selected[5], [1, 1], round=1))
+    _assert_rejected(c, "wrong_round", update(c, chosen[5], [1, 1], round=1))
 
 
 def test_fraction_of_eligible_agents_is_the_target():
@@ -418,7 +440,7 @@ def test_pace_steering_hint_and_waiting_task():
     c = Coordinator(config(min_agents=2, timeout=30.0), FedAvg())
     actions = c.start(0.0)
     waiting = _task(actions)
-    assert waiting.state == "waiting" and waiting.retry_after == 30.0 and waiting.selected == []
+    assert waiting.state == "waiting" and waiting.retry_after == 30.0 and notified(actions) == []
     c.receive(*status("a0"), now=0.0)
     task = _task(c.receive(*status("a1"), now=5.0))
     assert task.state == "open" and task.retry_after == 30.0 and task.deadline == 35.0
@@ -474,6 +496,8 @@ def test_restart_from_checkpoint_and_journal_continues_the_open_round():
     assert resumed.open.round == 2 and resumed.open.received == {"a0", "a1"}
     assert resumed.open.deadline == journal[0]["deadline"]
     assert _task(actions).round == 2
+    # the notices of the resumed attempt are published again (a broker that lost them, or never got them)
+    assert notified(actions) == ["a0", "a1", "a2"]
     _assert_rejected(resumed, "duplicate", update(resumed, "a0", [9, 9]))
     resumed.receive(*update(resumed, "a2", [4, 3]), now=3.0)
     assert resumed.round == 2 and resumed.finished
@@ -541,9 +565,10 @@ def test_async_mode_lets_newcomers_in_without_reopening():
     c.start(0.0)
     c.receive(*status("a0"), now=0.0)
     assert c.open.selected == ["a0"]
-    actions = c.receive(*status("a1"), now=1.0)
-    task = _task(actions)
-    assert task.selected == ["a0", "a1"] and task.round == 1 and task.mode == "async" and task.attempt == 0
+    # An async task selects every eligible agent: a newcomer needs no notice
+    # and no new task (publishing one per arrival would cost O(N) per agent).
+    assert c.receive(*status("a1"), now=1.0) == []
+    assert c.open.selected == ["a0", "a1"] and c.open.round == 1 and c.open.attempt == 0
 
 
 def test_async_mode_takes_a_stale_and_a_fresh_update_from_the_same_agent():

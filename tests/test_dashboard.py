@@ -244,7 +244,8 @@ def test_live_view_under_dp_shows_epsilon_and_budget_and_hides_rejections():
 
     t = Topics("f")
     deliver(t.status("a-1"), wire.StatusMsg("f", 0, "a-1", "online", 0, ["softmax"]))
-    deliver(t.task, wire.TaskMsg("f", 2, "v1", "open", deadline=time.time() + 30, selected=["a-1"],
+    deliver(t.selected("a-1"), wire.SelectedMsg("f", 2, "a-1", 0, "v1"))
+    deliver(t.task, wire.TaskMsg("f", 2, "v1", "open", deadline=time.time() + 30,
                                  config=wire.TrainConfig(dp_mode="central")))
     history = [{"round": 1.0, "epsilon": 1.0, "test_accuracy": 0.5},
                {"round": 2.0, "epsilon": 1.5, "test_accuracy": 0.6}]

@@ -59,10 +59,13 @@ def test_textbook_fedavg_through_the_broker(fed, broker_config, tmp_path, start_
     devices = {}
     for agent in ("dev-1", "dev-2", "dev-3"):
         d = raw_client(agent)
+        d.subscribe(topics.selected(agent))
         d.publish(topics.status(agent), wire.encode(wire.StatusMsg(fed, 0, agent, "online", 5, ["linear"])), retain=True)
         devices[agent] = d
     task = observer.wait_for_open_task(topics.task)
-    assert sorted(task.selected) == ["dev-1", "dev-2", "dev-3"]
+    for agent, d in devices.items():  # each device is told it is selected, on its own topic
+        notice = wire.decode(d.wait_for(topics.selected(agent))[0], expect="selected", fed=fed)
+        assert (notice.agent, notice.round, notice.attempt, notice.base) == (agent, task.round, task.attempt, task.base)
     for agent, target in zip(devices, ([1, 2], [2, 3], [3, 4])):
         delta = {"W0": np.array([[target[0]]], np.float32), "b0": np.array([target[1]], np.float32)}  # from θ0 = 0
         upd = wire.UpdateMsg(fed, task.round, agent, task.base, 5, delta, {})
@@ -77,8 +80,9 @@ def test_textbook_fedavg_through_the_broker(fed, broker_config, tmp_path, start_
     model = wire.decode(payload, expect="model")
     assert retained and model.round == 1
     np.testing.assert_allclose([model.params["W0"][0, 0], model.params["b0"][0]], [2.0, 3.0], atol=1e-6)
-    for agent in devices:  # clean up retained statuses of this test's federation
+    for agent in devices:  # clean up retained statuses and notices of this test's federation
         devices[agent].publish(topics.status(agent), b"", retain=True)
+        devices[agent].publish(topics.selected(agent), b"", retain=True)
 
 
 def test_five_agents_three_rounds_match_the_offline_computation(fed, broker_config, tmp_path, start_aggregator):

@@ -158,10 +158,11 @@ def test_the_observer_reads_only_and_publishes_nowhere(pki, secure_broker):
         receiver.subscribe(f"fl/{FED}/#")
         observer = connected(probe(**observer_creds(pki)))
         observer.subscribe("#", f"fl/{FED}/#", f"fl/{FED}/update/+", f"fl/{FED}/agent/+/inbox",
-                           f"$share/g/fl/{FED}/update/+")
+                           f"fl/{FED}/agent/+/selected", f"$share/g/fl/{FED}/update/+")
         agent = connected(probe(**creds(pki, A)))
         agent.publish(f"fl/{FED}/update/{A}", b"secret update")
         receiver.publish(f"fl/{FED}/agent/{A}/inbox", b"secret inbox")
+        receiver.publish(f"fl/{FED}/agent/{A}/selected", b"secret selection")
         for t in ("model", "model/onnx", "task", "metrics", "metrics/json", "keys"):
             receiver.publish(f"fl/{FED}/{t}", f"control {t}".encode())
         agent.publish(f"fl/{FED}/agent/{A}/status", b"control status")
@@ -172,7 +173,8 @@ def test_the_observer_reads_only_and_publishes_nowhere(pki, secure_broker):
         forbidden = [f"fl/{FED}/update/{A}", f"fl/{FED}/update/{OBSERVER_USER}", f"fl/{FED}/model",
                      f"fl/{FED}/model/onnx", f"fl/{FED}/task", f"fl/{FED}/metrics", f"fl/{FED}/metrics/json",
                      f"fl/{FED}/keys", f"fl/{FED}/agent/{A}/status", f"fl/{FED}/agent/{OBSERVER_USER}/status",
-                     f"fl/{FED}/agent/{A}/inbox", f"fl/{FED}/agent/{OBSERVER_USER}/inbox", "anything"]
+                     f"fl/{FED}/agent/{A}/inbox", f"fl/{FED}/agent/{OBSERVER_USER}/inbox",
+                     f"fl/{FED}/agent/{A}/selected", "anything"]
         codes = {t: str(observer.publish(t, b"forged")) for t in forbidden}
         codes["model (retained)"] = str(observer.publish(f"fl/{FED}/model", b"forged", retain=True))
         assert codes == {t: "Not authorized" for t in codes}

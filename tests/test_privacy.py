@@ -21,6 +21,8 @@ from edge_agent.mqtt import Publish
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
 
+from .conftest import deliver_task
+
 FED = "dp"
 T = Topics(FED)
 BIG = ModelSpec("linear", 20_000, 1)  # 20,001 parameters: enough coordinates to measure a std
@@ -91,9 +93,9 @@ def test_devices_add_the_noise_the_task_asks_for(mode, divisor):
     params = BuiltinModel(BIG).init_params(0)
     m = wire.ModelMsg(FED, 0, wire.params_version(params), BIG, params)
     core.receive(T.model, wire.encode(m))
-    task = wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, ["a0"],
+    task = wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0,
                         wire.TrainConfig(0, 1, 0.1, clip_norm=clip, noise_std=std, dp_mode=mode))
-    core.receive(T.task, wire.encode(task))
+    deliver_task(core, task)
     (pub,) = [a for a in core.train(1, 0) if isinstance(a, Publish)]
     upd = wire.decode(pub.payload, expect="update")
     # the aggregator is not trusted in these modes: nothing but the noised update leaves the device

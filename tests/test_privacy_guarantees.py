@@ -27,6 +27,8 @@ from edge_agent.mqtt import Publish
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
 
+from .conftest import deliver_task
+
 FED = "dpg"
 T = Topics(FED)
 DELTA = 1e-5
@@ -144,9 +146,9 @@ def test_devices_send_their_bit_noised_and_centred(mode):
         params = BuiltinModel(spec).init_params(0)
         m = wire.ModelMsg(FED, 0, wire.params_version(params), spec, params)
         core.receive(T.model, wire.encode(m))
-        task = wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, [f"a{i}"], wire.TrainConfig(
+        task = wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, wire.TrainConfig(
             0, 1, 0.1, clip_norm=clip, noise_std=std, dp_mode=mode, count_noise_std=count_std))
-        core.receive(T.task, wire.encode(task))
+        deliver_task(core, task)
         (pub,) = [a for a in core.train(1, 0) if isinstance(a, Publish)]
         upd = wire.decode(pub.payload, expect="update")
         assert set(upd.metrics) == {"dp_bit"} and upd.num_samples == 1
@@ -169,8 +171,8 @@ def _agent_update(agent: str, engine: PrivacyEngine) -> dict[str, np.ndarray]:
     params = BuiltinModel(BIG).init_params(0)
     m = wire.ModelMsg(FED, 0, wire.params_version(params), BIG, params)
     core.receive(T.model, wire.encode(m))
-    core.receive(T.task, wire.encode(wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, [agent], wire.TrainConfig(
-        0, 1, 0.1, clip_norm=clip, noise_std=std, dp_mode=engine.cfg.mode, count_noise_std=count_std))))
+    deliver_task(core, wire.TaskMsg(FED, 1, m.version, "open", 0, 0.0, wire.TrainConfig(
+        0, 1, 0.1, clip_norm=clip, noise_std=std, dp_mode=engine.cfg.mode, count_noise_std=count_std)))
     (pub,) = [a for a in core.train(1, 0) if isinstance(a, Publish)]
     return wire.decode(pub.payload, expect="update").delta
 
@@ -346,7 +348,7 @@ def test_a_device_stops_publishing_its_sample_count_once_it_sees_a_dp_task():
     spec = ModelSpec("linear", 1, 1)
     params = BuiltinModel(spec).init_params(0)
     core.receive(T.model, wire.encode(wire.ModelMsg(FED, 0, wire.params_version(params), spec, params)))
-    out = core.receive(T.task, wire.encode(wire.TaskMsg(FED, 1, wire.params_version(params), "open", 0, 0.0, [],
+    out = core.receive(T.task, wire.encode(wire.TaskMsg(FED, 1, wire.params_version(params), "open", 0, 0.0,
                                                         wire.TrainConfig(clip_norm=1.0, dp_mode="central"))))
     (status,) = [a for a in out if isinstance(a, Publish) and a.topic == T.status("a0")]
     assert wire.decode(status.payload, expect="status").num_samples == 0

@@ -197,7 +197,7 @@ def test_a_larger_run_is_a_reset_federation_followed_and_the_old_run_forgotten()
     assert actions == [SaveTrained(set()), DropOutbox((20, 0)), SaveAccepted((RUN + 1, 0), (RUN, 21, 0, 0))]
     assert c.trained == set() and c.outbox == {} and not c.finished
     assert c.task is None  # the old run's task never meets the new run's model
-    assert trains(c.receive(*test_agent.task_msg(m))) == [Train(1, 0)]
+    assert trains(test_agent.deliver(c, m)) == [Train(1, 0)]
     # the old run is over: its messages are replays now
     assert c.receive(*_model(20)) == [] and c.receive(*_task(20, state="done")) == []
     assert c.rejected == {"replayed": 2} and not c.finished
@@ -209,7 +209,7 @@ def test_the_new_run_may_announce_itself_by_its_task_first():
     c.receive(*_model(7))
     c.trained.add((7, 0))
     topic, payload, m = test_agent.model_msg(round_=0, run=RUN + 1)
-    actions = c.receive(*test_agent.task_msg(m))
+    actions = test_agent.deliver(c, m)
     assert SaveTrained(set()) in actions and c.model_msg is None
     assert c.receive(*_model(7)) == [] and c.rejected == {"replayed": 1}  # the old run's model, late
     assert trains(c.receive(topic, payload)) == [Train(1, 0)]

@@ -24,6 +24,8 @@ from edge_agent.secagg import messages as M
 from edge_agent.secagg.client import SecAggClient, SecAggError
 from edge_agent.secagg.quantize import dequantize_sum, levels, modulus_bits, quantize
 
+from .conftest import deliver_task
+
 FED = "sa"
 QBITS, RANGE = 16, 1.0
 
@@ -349,8 +351,8 @@ def test_a_real_agent_counts_a_tampered_share_by_reason_and_still_sends_its_mask
     p0 = BuiltinModel(spec).init_params(0)
     model = wire.ModelMsg(FED, 0, wire.params_version(p0), spec, p0)
     core.receive(topics.model, wire.encode(model))
-    out = core.receive(topics.task, wire.encode(wire.TaskMsg(FED, 1, model.version, "open", 0, 0.0, names,
-                                                             wire.TrainConfig(1, 4, 0.1), secagg=params)))
+    out = deliver_task(core, wire.TaskMsg(FED, 1, model.version, "open", 0, 0.0, wire.TrainConfig(1, 4, 0.1),
+                                          secagg=params), selection=names)
     [train] = [a for a in out if not isinstance(a, Publish) and hasattr(a, "attempt")]
     (keys_pub,) = [a for a in core.train(train.round, train.attempt) if isinstance(a, Publish)]
     keys = {"a0": M.decode(keys_pub.payload, fed=FED, kinds=M.DEVICE_KINDS)}
@@ -599,7 +601,7 @@ def test_a_weight_outside_the_rounds_range_is_refused_by_the_device():
 def test_max_weight_must_fit_the_quantization_and_never_comes_with_dp():
     with pytest.raises(ValueError, match="below 2"):
         round_params("secagg", 5, 0, 0, 8, 1.0, 0.0, 256)
-    task = wire.TaskMsg(FED, 1, "v", selected=["a"], secagg=wire.SecAggParams(
+    task = wire.TaskMsg(FED, 1, "v", secagg=wire.SecAggParams(
         "secagg", 2, 8, 11, 1.0, max_weight=255))
     assert wire.decode(wire.encode(task), expect="task").secagg.max_weight == 255
     for bad in (dict(max_weight=256), dict(max_weight=3, dp_sigma=1.0, dp_gamma=1.0, dp_clip=1.0,

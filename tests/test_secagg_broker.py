@@ -64,6 +64,7 @@ class SADevice:
         self.die_after, self.hold_at, self.samples = die_after, hold_at, samples
         self.client: SecAggClient | None = None
         self.sent: dict[tuple[int, int], int] = {}  # (round, attempt) -> last stage sent
+        self.selection: dict[tuple[int, int], list[str]] = {}  # (round, attempt) -> its notice's selection
         self.held = threading.Event()
         self.dead = False
         self.inputs: dict[tuple[int, int], np.ndarray] = {}
@@ -76,7 +77,7 @@ class SADevice:
         self.c.connect(broker.host, broker.port)
         self.c.loop_start()
         assert connected.wait(WAIT_S)
-        self.c.subscribe([(self.t.task, 1), (self.t.inbox(name), 1)])
+        self.c.subscribe([(self.t.selected(name), 1), (self.t.task, 1), (self.t.inbox(name), 1)])
         time.sleep(0.05)
         self.c.publish(self.t.status(name), wire.encode(wire.StatusMsg(fed, 0, name, "online", samples, ["linear"])),
                        qos=1, retain=True).wait_for_publish(WAIT_S)
@@ -92,15 +93,20 @@ class SADevice:
         if self.dead or not m.payload:
             return
         try:
+            if m.topic == self.t.selected(self.name):
+                n = wire.decode(m.payload, expect="selected")
+                self.selection[(n.round, n.attempt)] = n.selected  # it comes before the task
+                return
             if m.topic == self.t.task:
                 task = wire.decode(m.payload, expect="task")
                 key = (task.round, task.attempt)
-                if task.state != "open" or task.secagg is None or self.name not in task.selected or key in self.sent:
+                chosen = self.selection.get(key, [])
+                if task.state != "open" or task.secagg is None or self.name not in chosen or key in self.sent:
                     return
                 k, x = grid_update(self.name, task.attempt)
                 self.inputs[key] = k
                 weight = min(self.samples, task.secagg.max_weight) if task.secagg.max_weight else 1
-                self.client = SecAggClient(self.fed, self.name, task.round, task.attempt, task.selected,
+                self.client = SecAggClient(self.fed, self.name, task.round, task.attempt, chosen,
                                            task.secagg, x, weight=weight)
                 self._send(1, self.client.advertise())
                 return

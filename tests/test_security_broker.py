@@ -263,6 +263,7 @@ def test_provision_writes_keys_certificates_passwords_and_acl(pki):
             f"topic write fl/{FED}/update/{agent}",
             f"topic write fl/{FED}/agent/{agent}/status",
             f"topic read fl/{FED}/agent/{agent}/inbox",
+            f"topic read fl/{FED}/agent/{agent}/selected",
             *reads)],
     ]
     # no pattern lines (they would apply to the observer too), no topic line before the first user line
@@ -450,6 +451,8 @@ def test_an_agent_cannot_publish_outside_its_own_topics(pki, probe):
         f"fl/{FED}/agent/{B}/status",          # another agent's status
         f"fl/{FED}/agent/{A}/inbox",           # its own inbox is read-only
         f"fl/{FED}/agent/{B}/inbox",
+        f"fl/{FED}/agent/{A}/selected",        # selecting itself
+        f"fl/{FED}/agent/{B}/selected",
         f"fl/{FED}/update/{A}/more",           # below its own topic
         f"fl/{FED}/update/{AGGREGATOR_USER}",  # no agent is called "aggregator"
         f"fl/{FED}/update/{OBSERVER_USER}",    # nor "observer"
@@ -477,20 +480,25 @@ def test_an_agent_cannot_publish_outside_its_own_topics(pki, probe):
     attacker.publish(f"fl/{FED}/agent/{A}/status", b"", retain=True)  # clear the retained status
 
 
-def test_an_agent_cannot_read_other_agents_updates_or_inboxes(pki, probe):
+def test_an_agent_cannot_read_other_agents_updates_inboxes_or_selection(pki, probe):
     snoop = connected(probe(**creds(pki, A)))
     snoop.subscribe("#", f"fl/{FED}/#", f"fl/{FED}/update/+", f"fl/{FED}/agent/+/status",
-                    f"fl/{FED}/agent/{B}/inbox", "$SYS/#", f"$share/g/fl/{FED}/update/+", "$share/g/#")
+                    f"fl/{FED}/agent/{B}/inbox", f"fl/{FED}/agent/+/selected", f"fl/{FED}/agent/{B}/selected",
+                    "$SYS/#", f"$share/g/fl/{FED}/update/+", "$share/g/#")
     victim = connected(probe(**creds(pki, B)))
     aggregator = connected(probe(**creds(pki, AGGREGATOR_USER)))
     victim.publish(f"fl/{FED}/update/{B}", b"secret update")
     victim.publish(f"fl/{FED}/agent/{B}/status", b"secret status")
     aggregator.publish(f"fl/{FED}/agent/{B}/inbox", b"secret inbox")
     aggregator.publish(f"fl/{FED}/agent/{A}/inbox", b"control inbox")
+    # who else is selected stays the aggregator's (and the accountant's) secret
+    aggregator.publish(f"fl/{FED}/agent/{B}/selected", b"secret selection")
+    aggregator.publish(f"fl/{FED}/agent/{A}/selected", b"control selection")
     aggregator.publish(f"fl/{FED}/model", b"control model")
     # (overlapping subscriptions may deliver a message once per match: compare sets)
     got = set(snoop.received(until=b"control model"))
-    assert got == {(f"fl/{FED}/agent/{A}/inbox", b"control inbox"), (f"fl/{FED}/model", b"control model")}
+    assert got == {(f"fl/{FED}/agent/{A}/inbox", b"control inbox"), (f"fl/{FED}/agent/{A}/selected", b"control selection"),
+                   (f"fl/{FED}/model", b"control model")}
 
 
 def test_an_agent_receives_the_aggregators_key_announcements(pki, probe):

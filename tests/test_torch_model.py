@@ -27,6 +27,8 @@ from edge_agent.topics import Topics  # noqa: E402
 from edge_agent.torch_model import TorchModel  # noqa: E402
 from edge_agent.wire import TrainConfig  # noqa: E402
 
+from .conftest import deliver_task  # noqa: E402
+
 FED = "f"
 T = Topics(FED)
 
@@ -331,8 +333,8 @@ def agent_with(model: TorchModel) -> tuple[AgentCore, wire.ModelMsg]:
     params = model.init_params(0)
     m = wire.ModelMsg(FED, 0, wire.params_version(params), model.spec, params)
     core.receive(T.model, wire.encode(m))
-    t = wire.TaskMsg(FED, 1, m.version, "open", 0, 100.0, ["me"], TrainConfig(1, 8, 0.1))
-    assert [a for a in core.receive(T.task, wire.encode(t)) if isinstance(a, Train)] == [Train(1, 0)]
+    t = wire.TaskMsg(FED, 1, m.version, "open", 0, 100.0, TrainConfig(1, 8, 0.1))
+    assert [a for a in deliver_task(core, t) if isinstance(a, Train)] == [Train(1, 0)]
     return core, m
 
 

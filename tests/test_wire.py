@@ -81,7 +81,9 @@ def test_big_endian_and_non_contiguous_input_is_sent_little_endian_c_order():
 def test_every_message_kind_round_trips():
     msgs = [
         wire.ModelMsg("f1", 2, wire.params_version(_params()), SPEC, _params()),
-        wire.TaskMsg("f1", 3, "abcd", "open", 2, 1700000000.5, ["a-1", "b_2"], wire.TrainConfig(3, 16, 0.05)),
+        wire.TaskMsg("f1", 3, "abcd", "open", 2, 1700000000.5, wire.TrainConfig(3, 16, 0.05)),
+        wire.SelectedMsg("f1", 3, "a-1", 2, "abcd", run=7),
+        wire.SelectedMsg("f1", 3, "a-1", 0, "abcd", selected=["a-1", "b_2"]),
         _update(),
         wire.StatusMsg("f1", 2, "a-1", "online", 120, ["softmax", "mlp"], "0.1.0", False),
         wire.MetricsMsg("f1", 2, "abcd", 7, {"test_accuracy": 0.9}),
@@ -155,7 +157,10 @@ def test_deep_nesting_does_not_crash():
 
 
 def test_wrong_version_and_kind():
-    assert _reason(_pack(_raw_update(v=2))) == "bad_version"
+    # version 1 (a task that lists the selection: a v1 agent would never find
+    # its notice) and a future version are both refused
+    for v in (1, 3, 2.0, True):
+        assert _reason(_pack(_raw_update(v=v))) == "bad_version"
     assert _reason(_pack(_raw_update(kind="pickle"))) == "unknown_kind"
     assert _reason(wire.encode(_update()), expect="model") == "wrong_kind"
 
@@ -254,7 +259,6 @@ def test_hostile_model_spec_is_refused():
 def test_task_and_status_enumerations():
     t = msgpack.unpackb(wire.encode(wire.TaskMsg("f1", 1, "b")), raw=False)
     assert _reason(_pack({**t, "state": "maybe"})) == "bad_field"
-    assert _reason(_pack({**t, "selected": ["ok", "not ok"]})) == "bad_field"
     assert _reason(_pack({**t, "config": {"epochs": -1, "batch_size": 1, "lr": 0.1}})) == "bad_field"
     assert _reason(_pack({**t, "mode": "turbo"})) == "bad_field"
     assert _reason(_pack({**t, "retry_after": -1.0})) == "bad_field"
@@ -354,7 +358,7 @@ def _fixed_messages() -> dict[str, wire.Message]:
         "update_big": wire.UpdateMsg("bench", 1, "agent-0", "0123456789abcdef", 100, {"W0": big},
                                      {"train_loss": 0.5}),
         "update": wire.UpdateMsg("f1", 3, "a-1", "abcd", 17, params, {"train_loss": 0.5, "n": 3}),
-        "task": wire.TaskMsg("f1", 3, "abcd", "open", 2, 1700000000.5, ["a-1", "b_2"],
+        "task": wire.TaskMsg("f1", 3, "abcd", "open", 2, 1700000000.5,
                              wire.TrainConfig(3, 16, 0.05, 0.01, 1.0, 0.1, "local", 0.5), retry_after=2.5,
                              mode="async", run=wire.MAX_RUN,
                              secagg=wire.SecAggParams("secagg+", 3, 16, 20, 2.0, 1.0, 0, 1.5, 0.01, 3.0,
@@ -364,26 +368,32 @@ def _fixed_messages() -> dict[str, wire.Message]:
         "metrics": wire.MetricsMsg("f1", 2, "abcd", 7, {"test_accuracy": 0.9, "loss": 1e-3},
                                    [{"round": 1.0, "acc": 0.5}, {"round": 2.0}]),
         "keys": wire.KeysMsg("f1", 4, ["0" * 64, "aB" * 32]),
+        "selected": wire.SelectedMsg("f1", 3, "a-1", 2, "abcd", run=1_700_000_000_123, selected=["a-1", "b_2"]),
     }
 
 
 # (length, SHA-256) of wire.encode(msg) as computed by the encoder before this
 # change (msgpack.Packer(use_bin_type=True).pack of the whole map), commit ca998ac.
+# Wire version 2 (commit after 3600720): those version-1 payloads, checked
+# against the version-1 table, then unpacked, given "v": 2 (and the task its
+# "selected" list removed) and packed again with msgpack.packb(use_bin_type=True);
+# "selected" is msgpack.packb of its map written out by hand in PROTOCOL.md §3.8's field order.
 _WIRE_VECTORS = {
-    "model": (412, "9a9fac7ca82a214a0f7d4b1f432ad5fe45775043cb3383cd6873cb2cdaf96288"),
-    "model_mixed": (132499, "9c0a302d765c756474c5b32d4d00d199b4da0dc9fcddeb2e265e12aa65dc3b37"),
-    "update_big": (4194459, "32c4e9efa104fdda1510333a01200d531c52f7b75dadaf18831bd203ae88e990"),
-    "update": (400, "dce6746386e2a6b5106e6feb1e897ed0539495b95d9bcb26e88b627ca7c9d5fc"),
-    "task": (480, "8bf31bb31d889094248f1f2d149694f677d82e485680fd7d4709c803d62c2178"),
-    "task_plain": (214, "c007e6944719e7d0ffb1c37138f3a6132fbb1e4e9781c2efaa342901c312e72d"),
-    "status": (135, "cdd2bc591b7f8d0174882ac4b165a219f0e09d685a2b1e56a0eab2f9b1c09322"),
-    "metrics": (158, "4847182d838c283bf0d661261d9af56c00362f517b4314c14d857976e20460f7"),
-    "keys": (166, "3f7c1f6b69b3b2282c910a5ff629d8f84ddf9c71d0d5f66f9b5fe7fbdc36ca12"),
+    "keys": (166, "9753c0c178c4ac3e9c0e338f430aea1a5354c890fca7b0f3dad497c7f5530443"),
+    "metrics": (158, "6cee10fd3c5b7b83f7e5fbd53575eed6d7ae7acd8345bcedde849dd0bbb78f57"),
+    "model": (412, "0f340c587c77da19160bb46e3ccac8fe8a605dc54a3b1043be269a0f1be23b34"),
+    "model_mixed": (132499, "2349354e0f63609ecb3e83a2a1db1acbe3ceb57c39221560da7aceb06fb60367"),
+    "selected": (92, "a0265888002077b4600862b3fdc1a03fd9b4d811c38e585899d7b29dc2c676ee"),
+    "status": (135, "61d1c94312ce79d93dc673fa7cd691f96d4801027164c40c833935a6afcb2767"),
+    "task": (462, "ed442d22bf3399910b29053f4c7605787ad1d7f3837339aaf54562f1cca253d9"),
+    "task_plain": (204, "32677ae202041ab50cebce71ef153f9ac3af92b5d7ddad6286fd655a5661e36c"),
+    "update": (400, "f7bc91b838f6deffee1083d3750c13f239b1d3defaf3c38eef05f3ec64d71864"),
+    "update_big": (4194459, "cafd4b0dbc95b56034bd3458d8d90db1112a93b3e3215ec5a6d2c7ca8eb45afa"),
 }
 
 # The same encoder's bytes in full for one small message.
 _STATUS_HEX = (
-    "8ba17601a46b696e64a6737461747573a3666564a26631a5726f756e6402a56167656e74a3612d31a57374617465a66f6e6c696e65"
+    "8ba17602a46b696e64a6737461747573a3666564a26631a5726f756e6402a56167656e74a3612d31a57374617465a66f6e6c696e65"
     "ab6e756d5f73616d706c657378ac6361706162696c697469657392a7736f66746d6178a36d6c70a8736f667477617265a5302e312e30"
     "a8656c696769626c65c2a6726561736f6eaa6f6e2062617474657279"
 )

@@ -190,9 +190,9 @@ class Stragglers:
         if self.mode not in ("partial", "drop"):
             raise ValueError(f"unknown straggler mode {self.mode!r}")
 
-    def draw(self, task: wire.TaskMsg) -> dict[str, int]:
-        """Straggler -> epochs it manages, for one round/attempt; the same draw in either mode."""
-        sel = sorted(task.selected)
+    def draw(self, task: wire.TaskMsg, selected: Iterable[str]) -> dict[str, int]:
+        """Straggler -> epochs it manages, for one round/attempt of these selected agents; the same draw in either mode."""
+        sel = sorted(selected)
         E = task.config.epochs
         n_active = int(round(len(sel) * (1.0 - self.fraction)))
         rng = np.random.default_rng([self.seed, task.round, task.attempt])
@@ -262,6 +262,7 @@ def run_federation(
     late: list[tuple[AgentCore, Train]] = []  # dropped stragglers: trained only after the deadline
     inbox: deque[tuple[str, bytes]] = deque()  # agent -> aggregator messages not yet delivered
     straggling: dict[str, int] = {}  # this attempt's stragglers -> epochs
+    notified: dict[tuple[int, int], list[str]] = {}  # (round, attempt) -> agents given a `selected` notice
     records: list[RoundRecord] = []
     abandoned = 0
     t_round = time.perf_counter()
@@ -270,7 +271,10 @@ def run_federation(
     def to_agents(pub: Publish) -> None:
         nonlocal straggling
         kind, addressee = topics.parse(pub.topic)
-        if kind == "inbox":  # secure aggregation: one agent's messages
+        if kind == "selected":  # the notice that one agent is selected (published before the task)
+            n = wire.decode(pub.payload, expect="selected", fed=fed)
+            notified.setdefault((n.round, n.attempt), []).append(addressee)
+        if kind in ("inbox", "selected"):  # one agent's messages
             for core in cores:
                 if core.agent_id == addressee:
                     from_agent(core, core.receive(pub.topic, pub.payload))
@@ -284,7 +288,8 @@ def run_federation(
                 task = wire.decode(payload, expect="task", fed=fed)
             except wire.WireError:
                 task = None  # the agents will drop it too (and count it)
-            straggling = stragglers.draw(task) if isinstance(task, wire.TaskMsg) and task.state == "open" else {}
+            straggling = (stragglers.draw(task, notified.get((task.round, task.attempt), ()))
+                          if isinstance(task, wire.TaskMsg) and task.state == "open" else {})
             if stragglers.mode == "partial":
                 for a, epochs in straggling.items():
                     t = wire.decode(payload, expect="task", fed=fed)
