@@ -13,6 +13,7 @@ from pathlib import Path
 
 from typing import Any
 
+from edge_agent.compression import MODES as COMPRESSION_MODES
 from edge_agent.config import BrokerConfig
 from edge_agent.model_api import FedModel, ModelError
 from edge_agent.model_loader import load_model
@@ -442,6 +443,36 @@ class PrivacyConfig:
         return out
 
 
+# Top-k keeps a tenth of each tensor by default: with 8 bytes per kept value
+# (uint32 index + float32 value) an update shrinks about fivefold, and error
+# feedback carries the rest into later rounds (docs/performance.md,
+# "Update compression", has the accuracy it costs).
+DEFAULT_TOPK_FRACTION = 0.1
+
+
+@dataclass
+class CompressionConfig:
+    """Update compression on the agents (README "Update compression"; docs/PROTOCOL.md §3.3.1)."""
+
+    mode: str = field(default="none", metadata={
+        "help": "none | q8 (8-bit stochastic quantization, about 4x smaller) | topk (the largest topk_fraction "
+                "of each tensor); both with error feedback on the agents"})
+    topk_fraction: float = field(default=DEFAULT_TOPK_FRACTION, metadata={
+        "help": "topk: fraction of each tensor's elements sent, by magnitude, in (0, 1]"})
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.mode not in COMPRESSION_MODES:
+            out.append(("mode", f"must be one of {', '.join(COMPRESSION_MODES)}, got {self.mode!r}"))
+        if not (math.isfinite(self.topk_fraction) and 0.0 < self.topk_fraction <= 1.0):
+            out.append(("topk_fraction", f"must be in (0, 1], got {self.topk_fraction}"))
+        return out
+
+
 @dataclass
 class OnnxConfig:
     """ONNX export of the global model (needs the ``aggregator`` extra: onnx)."""
@@ -497,6 +528,7 @@ class AggregatorConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -527,6 +559,9 @@ class AggregatorConfig:
         if p.enabled and self.round.mode == "async":
             out.append(("privacy.mode", "differential privacy needs synchronous rounds ([round] mode = sync)"))
         sa = self.secagg
+        if self.compression.mode in COMPRESSION_MODES[1:] and sa.enabled:  # a bad mode: [compression] says so
+            out.append(("compression.mode", f"{self.compression.mode!r} cannot be combined with secure aggregation "
+                        "([secagg] mode), which quantizes and masks the updates itself: set one of them off"))
         if sa.enabled:
             if self.round.mode == "async":
                 out.append(("secagg.mode", "secure aggregation needs synchronous rounds ([round] mode = sync)"))

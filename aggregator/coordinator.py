@@ -757,6 +757,13 @@ class Coordinator:
         expected = sum(recent) / len(recent) if recent else self.config.round.timeout
         return float(min(max(expected, 0.0), self.config.round.timeout))
 
+    def _compression_fields(self) -> dict[str, Any]:
+        """task.config's update compression (docs/PROTOCOL.md §3.3.1); none in secure-aggregation rounds."""
+        c = self.config.compression
+        if not c.enabled or self.secagg is not None:
+            return {}
+        return {"compression": c.mode, "topk_fraction": c.topk_fraction if c.mode == "topk" else 0.0}
+
     def _task_publish(self, now: float) -> Publish:
         o = self.open
         assert o is not None
@@ -775,6 +782,7 @@ class Coordinator:
                 epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, prox_mu=self.config.strategy.prox_mu,
                 clip_norm=clip_norm, noise_std=noise_std, count_noise_std=count_std,
                 dp_mode=self.config.privacy.mode if self.privacy is not None else "",
+                **self._compression_fields(),
             ),
             # Agents not selected look again when this round should be over.
             retry_after=0.0 if self.async_mode else max(0.0, min(o.deadline - now, self._pace())),

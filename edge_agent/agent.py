@@ -9,7 +9,9 @@ binds a core to a :class:`~edge_agent.mqtt.Connection`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,6 +20,7 @@ import numpy as np
 
 from . import __version__, dp, wire
 from .agent_store import AgentStore
+from .compression import ErrorFeedback
 from .data import DataError, LocalData
 from .eligibility import EligibilityConfig, check_device
 from .model_api import FedModel, ModelError, TrainData
@@ -93,6 +96,13 @@ class PutOutbox:
 
     key: tuple[int, int]
     payload: bytes
+    # A compressed update: the error-feedback memory after it, persisted with it.
+    feedback: ErrorFeedback | None = None
+
+
+@dataclass
+class DropFeedback:
+    """Action: forget the persisted error-feedback memory of update compression (a new federation run)."""
 
 
 @dataclass
@@ -117,7 +127,8 @@ class SaveAccepted:
     task: TaskKey | None
 
 
-Action = Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox | SaveTrustedKeys | SaveAccepted
+Action = (Publish | Train | Done | SaveTrained | PutOutbox | DropOutbox | SaveTrustedKeys | SaveAccepted
+          | DropFeedback)
 
 
 @dataclass
@@ -152,6 +163,9 @@ class AgentCore:
     notices: dict[tuple[int, int, int, str], wire.SelectedMsg] = field(default_factory=dict, init=False)
     trained: set[tuple[int, int]] = field(default_factory=set)
     outbox: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    # Update compression's error feedback: what earlier compressed updates
+    # left unsent (loaded from and saved with the outbox).
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)
     # The newest model and task accepted (loaded from and saved to the store):
     # anything older is a replay, signed or not.
     accepted_model: ModelKey | None = None
@@ -468,6 +482,10 @@ class AgentCore:
         actions += [DropOutbox(key) for key in sorted(self.outbox)]
         self.outbox.clear()
         self.resent.clear()
+        if self.feedback.residual is not None:
+            # The old run's unsent leftovers belong to a model that is gone.
+            self.feedback = ErrorFeedback()
+            actions.append(DropFeedback())
         # The old run's model or task must not meet the new run's (a fresh
         # federation's round-0 model can have the same version as the old one's).
         # (The notices stay: one of the old run matches no task of the new
@@ -630,6 +648,21 @@ class AgentCore:
 
             return [Publish(self.topics.update(self.agent_id), encode_secagg(self.secagg_client.advertise()),
                             qos=1, retain=False)]
+        feedback = None
+        if t.config.compression != "none":
+            # Compression comes last, after clipping and noise: it is
+            # post-processing of the noised update (and the residual only
+            # ever holds parts of updates already clipped and noised), so
+            # the DP guarantee is unchanged. A compressed update can be
+            # longer than clip_norm (quantization noise, a residual carried
+            # in): the trusted aggregator of central DP clips what it
+            # decodes again, and in local/distributed DP the noise was added
+            # before anything here. Secure-aggregation rounds returned above:
+            # they quantize and mask the update themselves.
+            rng = np.random.default_rng((self.seed, round_number, attempt, zlib.crc32(self.agent_id.encode())))
+            delta = self.feedback.compress(delta, round_number, attempt, t.config.compression, rng,
+                                           t.config.topk_fraction)
+            feedback = self.feedback
         update = wire.UpdateMsg(
             fed=self.fed,
             round=round_number,
@@ -644,7 +677,8 @@ class AgentCore:
         key = (round_number, attempt)
         self.outbox[key] = payload
         self.resent.add(key)  # this send counts for the current connection
-        return [PutOutbox(key, payload), Publish(self.topics.update(self.agent_id), payload, qos=1, retain=False)]
+        return [PutOutbox(key, payload, feedback),
+                Publish(self.topics.update(self.agent_id), payload, qos=1, retain=False)]
 
 
 class AgentRunner:
@@ -682,6 +716,7 @@ class AgentRunner:
         if store is not None:
             core.trained |= store.load_trained()
             core.outbox.update(store.load_outbox())
+            core.feedback = store.load_feedback()
             core.accepted_model, core.accepted_task = store.load_accepted()
             if core.verifier is not None:
                 core.verifier.add(store.load_trusted_keys())  # learned through signed rollovers
@@ -747,7 +782,10 @@ class AgentRunner:
                     self.store.save_trained(a.trained)
             elif isinstance(a, PutOutbox):
                 if self.store is not None:
-                    self.store.put_outbox(a.key, a.payload)
+                    self.store.put_outbox(a.key, a.payload, a.feedback)
+            elif isinstance(a, DropFeedback):
+                if self.store is not None:
+                    self.store.drop_feedback()
             elif isinstance(a, DropOutbox):
                 if self.store is not None:
                     self.store.drop_outbox(a.key)

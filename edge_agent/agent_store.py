@@ -7,6 +7,10 @@ the broker is sent again after a reconnect or a restart while its round is
 still open (the aggregator drops a second copy as ``duplicate``).
 ``accepted.json`` holds the newest model and task accepted (their ordering
 keys), so a restarted device still refuses a replayed older one.
+``outbox/residual.msgpack`` is the error-feedback memory of update
+compression (:class:`edge_agent.compression.ErrorFeedback`): what the
+compressed updates so far left unsent. It is written with each compressed
+outbox entry, before it, so a restarted device carries it on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ import logging
 import re
 from pathlib import Path
 
+import msgpack
+import numpy as np
+
+from . import wire
+from .compression import ErrorFeedback
 from .files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -27,6 +36,8 @@ MAX_TRAINED_REMEMBERED = 1000
 ACCEPTED_FILE = "accepted.json"
 # Lengths of the ordering keys: model (run, round), task (run, round, attempt, stage).
 _MODEL_KEY_LEN, _TASK_KEY_LEN = 2, 4
+# In outbox/ but not an outbox entry (the entry pattern above never matches it).
+RESIDUAL_FILE = "residual.msgpack"
 
 
 class AgentStore:
@@ -90,8 +101,48 @@ class AgentStore:
                 out[(int(m.group(1)), int(m.group(2)))] = p.read_bytes()
         return out
 
-    def put_outbox(self, key: tuple[int, int], payload: bytes) -> None:
+    def put_outbox(self, key: tuple[int, int], payload: bytes, feedback: ErrorFeedback | None = None) -> None:
+        """Keep an update; with ``feedback`` (a compressed update) its error-feedback memory first.
+
+        The memory goes first: a crash between the two writes loses this
+        update (as a crash before either would) but never resends it later
+        with the residual of the round before, which would count the part
+        it sent twice.
+        """
+        if feedback is not None:
+            self.save_feedback(feedback)
         atomic_write(self.dir / "outbox" / f"r{key[0]}-a{key[1]}.msgpack", payload)
+
+    def save_feedback(self, fb: ErrorFeedback) -> None:
+        """Persist the error-feedback memory (float32 arrays in the wire's array maps, msgpack)."""
+        data = {"round": fb.round, "attempt": fb.attempt,
+                "residual": wire.encode_params(fb.residual) if fb.residual is not None else None,
+                "previous": wire.encode_params(fb.previous) if fb.previous is not None else None}
+        atomic_write(self.dir / "outbox" / RESIDUAL_FILE, msgpack.packb(data, use_bin_type=True))
+
+    def load_feedback(self) -> ErrorFeedback:
+        """The persisted error-feedback memory; an empty one when there is none or it is unreadable."""
+        p = self.dir / "outbox" / RESIDUAL_FILE
+        try:
+            d = wire.unpack(p.read_bytes())
+            params = {k: None if d[k] is None else
+                      {n: np.array(a, dtype=np.float32) for n, a in wire.decode_params(d[k], None, k).items()}
+                      for k in ("residual", "previous")}
+            rnd, att = d["round"], d["attempt"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rnd, att)):
+                raise ValueError("round and attempt must be integers")
+            return ErrorFeedback(params["residual"], rnd, att, params["previous"])
+        except FileNotFoundError:
+            return ErrorFeedback()
+        except (wire.WireError, ValueError, TypeError, KeyError) as exc:
+            # Like trained.json: a broken file must not stop the device; the
+            # next compressed update starts from a zero residual.
+            log.warning("%s unreadable (%s); compression starts without a residual", p, exc)
+            return ErrorFeedback()
+
+    def drop_feedback(self) -> None:
+        """Forget the error-feedback memory (a new federation run)."""
+        (self.dir / "outbox" / RESIDUAL_FILE).unlink(missing_ok=True)
 
     def drop_outbox(self, key: tuple[int, int]) -> None:
         (self.dir / "outbox" / f"r{key[0]}-a{key[1]}.msgpack").unlink(missing_ok=True)

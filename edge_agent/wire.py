@@ -28,7 +28,8 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from .spec import ModelSpec
+from . import compression as _compression
+from .spec import MAX_PARAMS, ModelSpec
 
 # 2: the task no longer lists the selected agents; each selected agent gets
 # its own retained `selected` message instead (docs/PROTOCOL.md §3.8). An
@@ -136,6 +137,11 @@ class TrainConfig:
     # Gaussian noise of std count_noise_std.
     dp_mode: str = ""
     count_noise_std: float = 0.0
+    # Update compression (docs/PROTOCOL.md §3.3.1): "none", "q8" (8-bit
+    # stochastic quantization) or "topk" (the topk_fraction largest
+    # magnitudes of each tensor), with error feedback on the device.
+    compression: str = "none"
+    topk_fraction: float = 0.0
 
 
 @dataclass
@@ -239,6 +245,8 @@ class UpdateMsg:
     agent: str
     base: str
     num_samples: int
+    # Decoded: always dense float32 arrays. To send, a value may also be an
+    # edge_agent.compression tensor (Q8Tensor, TopKTensor; §3.3.1).
     delta: Params
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -389,12 +397,95 @@ def _all_finite(arr: np.ndarray) -> bool:
 
 
 def encode_params(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Wire map of a parameter set, names in the given order."""
-    return {name: encode_array(a) for name, a in params.items()}
+    """Wire map of a parameter set, names in the given order (compressed tensors as their maps, §3.3.1)."""
+    return {name: _encode_compressed(a) if isinstance(a, (_compression.Q8Tensor, _compression.TopKTensor))
+            else encode_array(a) for name, a in params.items()}
 
 
-def decode_params(m: object, spec: ModelSpec | None, where: str) -> Params:
-    """Decode a parameter map; with a spec, names, shapes and float dtype must match it."""
+# --------------------------------------------------------------------------
+# compressed update tensors (docs/PROTOCOL.md §3.3.1)
+
+_Q8_KEYS = frozenset({"codec", "shape", "offset", "scale", "data"})
+_TOPK_KEYS = frozenset({"codec", "shape", "indices", "values"})
+_CODEC_KEYS = {"q8": _Q8_KEYS, "topk": _TOPK_KEYS}
+# Dense elements the compressed tensors of one parameter map may expand to
+# when no spec bounds them: a top-k map of a few bytes can claim a huge
+# shape, so without this a tiny payload could make the decoder allocate
+# gigabytes. The largest model a spec allows (MAX_PARAMS) fits.
+MAX_DECOMPRESSED_ELEMENTS = MAX_PARAMS
+_U4, _F4 = np.dtype("<u4"), np.dtype("<f4")
+
+
+def _byte_view(a: np.ndarray) -> memoryview:
+    """Flat byte view of a C-contiguous array (empty arrays too)."""
+    return memoryview(_c_order(a).reshape(-1).view(np.uint8))
+
+
+def _encode_compressed(c: _compression.Compressed) -> dict[str, Any]:
+    if isinstance(c, _compression.Q8Tensor):
+        return {"codec": "q8", "shape": list(c.shape), "offset": float(np.float32(c.offset)),
+                "scale": float(np.float32(c.scale)), "data": _byte_view(np.asarray(c.codes, np.uint8))}
+    return {"codec": "topk", "shape": list(c.shape), "indices": _byte_view(np.asarray(c.indices, _U4)),
+            "values": _byte_view(np.asarray(c.values, _F4))}
+
+
+def _decode_compressed(m: dict, where: str, expected: tuple[int, ...] | None, budget: list[int]) -> np.ndarray:
+    """Check a compressed tensor map and expand it to a dense, read-only float32 array.
+
+    The claimed shape is checked against the spec (or the ``budget`` of
+    dense elements left) before anything is allocated.
+    """
+    codec = m.get("codec")
+    keys = _CODEC_KEYS.get(codec) if isinstance(codec, str) else None
+    if keys is None:
+        raise WireError("bad_codec", f"{where}: codec {codec!r}, known: {sorted(_CODEC_KEYS)}")
+    if m.keys() != keys:
+        raise WireError("bad_codec", f"{where}: a {codec} tensor has exactly the keys {sorted(keys)}")
+    shape = m["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM_SIZE for d in shape):
+        raise _bad_shape(where)
+    shape_t = tuple(shape)
+    if expected is not None and shape_t != expected:
+        raise WireError("spec_mismatch", f"{where} has shape {shape}, model needs {list(expected)}")
+    size = math.prod(shape_t)
+    if size > budget[0]:
+        raise WireError("bad_array", f"{where}: compressed tensors of this map expand to more than "
+                                     f"{MAX_DECOMPRESSED_ELEMENTS} elements")
+    budget[0] -= size
+    try:
+        if codec == "q8":
+            offset, scale, data = m["offset"], m["scale"], m["data"]
+            for key, value in (("offset", offset), ("scale", scale)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise WireError("bad_field", f"{where}.{key} must be a number")
+            if not isinstance(data, bytes):
+                raise WireError("bad_array", f"{where}.data must be binary")
+            c: _compression.Compressed = _compression.Q8Tensor(
+                shape_t, float(offset), float(scale), np.frombuffer(data, np.uint8))
+        else:
+            idx, vals = m["indices"], m["values"]
+            if not isinstance(idx, bytes) or not isinstance(vals, bytes):
+                raise WireError("bad_array", f"{where}: indices and values must be binary")
+            if len(idx) % 4 or len(vals) % 4:
+                raise WireError("shape_mismatch", f"{where}: indices and values must be 4 bytes each, "
+                                                  f"got {len(idx)} and {len(vals)} bytes")
+            c = _compression.TopKTensor(shape_t, np.frombuffer(idx, _U4).astype(np.uint32, copy=False),
+                                        np.frombuffer(vals, _F4).astype(np.float32, copy=False))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked, as non_finite
+            arr = _compression.decompress(c)
+    except _compression.CompressionError as exc:
+        raise WireError(exc.reason, f"{where}: {exc.detail}") from None
+    arr.flags.writeable = False  # like a plain decoded array
+    return arr
+
+
+def decode_params(m: object, spec: ModelSpec | None, where: str, compressed: bool = False) -> Params:
+    """Decode a parameter map; with a spec, names, shapes and float dtype must match it.
+
+    ``compressed``: tensors may also be compressed maps (an update's delta,
+    §3.3.1); they come back as dense float32 arrays.
+    """
     if not isinstance(m, dict):
         raise WireError("bad_field", f"{where} must be a map of arrays")
     if len(m) > MAX_ARRAYS:
@@ -404,10 +495,14 @@ def decode_params(m: object, spec: ModelSpec | None, where: str) -> Params:
         if list(m) != list(expected):
             raise WireError("spec_mismatch", f"{where} names {list(m)} do not match the model {list(expected)}")
     out: Params = {}
+    budget = [MAX_DECOMPRESSED_ELEMENTS]  # dense elements compressed tensors may still expand to
     for name, am in m.items():
         if not isinstance(name, str):
             raise WireError("bad_field", f"{where} keys must be strings")
-        arr = decode_array(am, f"{where}.{name}")
+        if compressed and isinstance(am, dict) and "codec" in am:
+            arr = _decode_compressed(am, f"{where}.{name}", expected.get(name) if spec is not None else None, budget)
+        else:
+            arr = decode_array(am, f"{where}.{name}")
         if spec is not None:
             if arr.shape != expected[name]:
                 raise WireError(
@@ -460,6 +555,7 @@ def encode(msg: Message) -> bytes:
                 "noise_std": float(msg.config.noise_std),
                 **({"dp_mode": msg.config.dp_mode, "count_noise_std": float(msg.config.count_noise_std)}
                    if msg.config.dp_mode else {}),
+                **_compression_config(msg.config),
             },
             "retry_after": float(msg.retry_after),
             "mode": msg.mode,
@@ -530,7 +626,7 @@ def _pack(head: dict[str, Any], arrays_key: str | None) -> bytes:
             p.pack_map_header(len(am))
             for k, v in am.items():
                 p.pack(k)
-                if k == "data" and isinstance(v, memoryview) and v.nbytes >= _JOIN_MIN_BYTES:
+                if isinstance(v, memoryview) and v.nbytes >= _JOIN_MIN_BYTES:  # data; a compressed tensor's too
                     pieces += (p.bytes(), _bin_header(v.nbytes), v)
                     p.reset()
                 else:
@@ -641,7 +737,10 @@ def decode(
             noise_std=c.nonneg_float("noise_std") if "noise_std" in cfg else 0.0,
             dp_mode=c.optional("dp_mode", str, ""),
             count_noise_std=c.nonneg_float("count_noise_std") if "count_noise_std" in cfg else 0.0,
+            compression=c.optional("compression", str, "none"),
+            topk_fraction=c.pos_float("topk_fraction") if "topk_fraction" in cfg else 0.0,
         )
+        _check_compression(config)
         if config.dp_mode not in DP_MODES:
             raise WireError("bad_field", f"task.config.dp_mode must be one of {DP_MODES}, got {config.dp_mode!r}")
         mode = r.optional("mode", str, "sync")
@@ -667,7 +766,7 @@ def decode(
             agent=r.id("agent"),
             base=r.text("base"),
             num_samples=r.pos_int("num_samples"),
-            delta=decode_params(r.get("delta", dict), spec, "delta"),
+            delta=decode_params(r.get("delta", dict), spec, "delta", compressed=True),
             metrics=r.float_map("metrics"),
         )
     elif kind == "status":
@@ -711,6 +810,23 @@ def decode(
             history=_history(r.optional("history", list, [])),
         )
     return msg
+
+
+def _compression_config(c: TrainConfig) -> dict[str, Any]:
+    """The task.config keys of update compression: none at all without it (older decoders see nothing new)."""
+    if c.compression == "none":
+        return {}
+    return {"compression": c.compression, **({"topk_fraction": float(c.topk_fraction)} if c.compression == "topk" else {})}
+
+
+def _check_compression(c: TrainConfig) -> None:
+    if c.compression not in _compression.MODES:
+        raise WireError("bad_field", f"task.config.compression must be one of {_compression.MODES}, "
+                                     f"got {c.compression!r}")
+    if c.topk_fraction > 1.0:
+        raise WireError("bad_field", f"task.config.topk_fraction must be in (0, 1], got {c.topk_fraction}")
+    if c.compression == "topk" and c.topk_fraction == 0.0:
+        raise WireError("missing_field", "task.config.topk_fraction is missing (needed with compression = topk)")
 
 
 def _secagg_map(p: SecAggParams) -> dict[str, Any]:
