@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from edge_agent import dp, wire
+from edge_agent import chunking, dp, wire
 from edge_agent.mqtt import Publish
 from edge_agent.ratelog import RejectionLog
 from edge_agent.topics import Topics
@@ -380,7 +380,9 @@ class Coordinator:
 
     def _on_update(self, agent: str | None, payload: bytes, now: float, replay: bool = False) -> list[Action]:
         try:
-            msg = wire.decode(payload, expect="update", fed=self.config.federation, spec=self.spec)
+            # A chunked update (docs/PROTOCOL.md §8) may exceed the one-packet limit, up to one model's size.
+            msg = wire.decode(payload, expect="update", fed=self.config.federation, spec=self.spec,
+                              max_bytes=max(wire.MAX_PAYLOAD_BYTES, chunking.payload_bound(self.spec.num_params())))
         except wire.WireError as exc:
             return self._reject(exc.reason, f"update from {agent}: {exc.detail}")
         assert isinstance(msg, wire.UpdateMsg)

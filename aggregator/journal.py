@@ -26,15 +26,18 @@ from typing import Any
 
 import msgpack
 
+from edge_agent.chunking import MAX_TOTAL_BYTES
+
 from .checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.bin"
 _LEN = struct.Struct(">I")
-# A record holds at most one update payload (the codec caps those at 32 MiB)
-# plus a little metadata; anything longer is corruption, not data.
-MAX_RECORD_BYTES = 33 * 1024 * 1024
+# A record holds at most one update payload (one packet, or a chunked update of
+# at most one model, edge_agent.chunking.MAX_TOTAL_BYTES) plus a little
+# metadata; anything longer is corruption, not data.
+MAX_RECORD_BYTES = MAX_TOTAL_BYTES + 1024 * 1024
 
 
 class JournalFile:
@@ -94,20 +97,23 @@ class JournalFile:
         if "rng" in record:  # PCG64 state holds 128-bit integers: msgpack has none, JSON does
             record = {**record, "rng": json.dumps(record["rng"])}
         body = msgpack.packb(record, use_bin_type=True)
-        frame = _LEN.pack(len(body)) + body
+        frame = len(body) + _LEN.size
         try:
             if self._fh is None:
                 self._fh = open(self.path, "ab")
-            self._fh.write(frame)
+            # Two writes, not one joined frame: a chunked update is model-sized, and
+            # joining would copy it once more (a torn tail is cut on load either way).
+            self._fh.write(_LEN.pack(len(body)))
+            self._fh.write(body)
             self._fh.flush()
         except OSError as exc:
             self.failed = exc
             raise
-        self.unsynced_bytes += len(frame)
+        self.unsynced_bytes += frame
         self.unsynced_records += 1
         if sync:
             self.sync()
-        return len(frame)
+        return frame
 
     def sync(self) -> bool:
         """Make every record written so far durable (one fsync); False when there was nothing to do."""

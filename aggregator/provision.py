@@ -319,7 +319,10 @@ def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
                 f"topic write {p}/update/{a}",
                 f"topic write {p}/agent/{a}/status",
                 f"topic read {p}/agent/{a}/inbox",
-                f"topic read {p}/agent/{a}/selected"]
+                f"topic read {p}/agent/{a}/selected",
+                # chunked payloads (docs/PROTOCOL.md §8): its own update's chunks, the model's retained chunks
+                f"topic write {p}/update/{a}/chunk",
+                f"topic read {p}/model/chunk/+"]
         out += [f"topic read {p}/{t}" for t in AGENT_READS]
     return "\n".join(out) + "\n"
 

@@ -22,10 +22,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from edge_agent import wire
+from edge_agent import chunking, wire
 from edge_agent.config import ConfigError
 from edge_agent.data import load as load_data
 from edge_agent.mqtt import Connection, Loop, Publish
+from edge_agent.ratelog import RejectionLog
 from edge_agent.signing import Signer
 
 from . import checkpoint
@@ -48,6 +49,15 @@ from .coordinator import (
 from .strategies import make_strategy
 
 log = logging.getLogger(__name__)
+
+# Receive Maximum announced on CONNECT (the MQTT 5 maximum): how many QoS 1
+# messages the broker may send us unacknowledged. The chunks of a payload are
+# acknowledged only when the whole payload is durable, so up to
+# chunking.MAX_CHUNKS per sender wait at once.
+RECEIVE_MAXIMUM = 65535
+# Shortest time a chunked update may take (the round timeout when longer):
+# a payload whose chunks stop coming is dropped as chunk_incomplete after it.
+CHUNK_TIMEOUT_MIN_S = 10.0
 
 # How often deadlines are checked. Deadlines are seconds to minutes long;
 # a quarter second keeps the overshoot small without busy work.
@@ -127,8 +137,21 @@ class AggregatorService:
             clean_start=False,
             session_expiry_s=config.session_expiry,
             manual_ack=True,
+            # The chunks of a payload stay unacknowledged until the whole payload is
+            # journaled (docs/PROTOCOL.md §8.6): mosquitto's default window of 20 would stall them.
+            receive_maximum=RECEIVE_MAXIMUM,
         )
         self._started = False
+        # Chunked updates being reassembled, per sender (docs/PROTOCOL.md §8): one
+        # payload buffer each, bounded by the model's size, and the acks held back
+        # until the payload is journaled.
+        self.assemblies: dict[str, chunking.Reassembler] = {}
+        self._held_acks: dict[str, list[tuple[int, int]]] = {}
+        # Seconds a chunked update may take from its manifest to its last chunk.
+        self.chunk_timeout = max(float(config.round.timeout), CHUNK_TIMEOUT_MIN_S)
+        self._max_update_bytes = chunking.payload_bound(self.coordinator.spec.num_params())
+        self._model_chunks_published = 0  # retained chunk topics holding a model (cleared when fewer are needed)
+        self._chunk_log = RejectionLog(log, "dropped")
         # The check that the broker refuses anonymous updates ([security] probe_open_broker).
         self.broker_probe: BrokerProbe | None = None
 
@@ -150,6 +173,7 @@ class AggregatorService:
         self.metrics_csv.append(self.coordinator.history)
         self.conn.open()
         self.loop.call_every(TICK_INTERVAL_S, lambda: self._execute(self.coordinator.tick(self.clock())))
+        self.loop.call_every(TICK_INTERVAL_S, self._expire_chunked)
 
     def close(self) -> None:
         """Stop serving metrics (run when the loop stops; idempotent)."""
@@ -164,7 +188,7 @@ class AggregatorService:
     # Handler protocol
     def subscriptions(self) -> list[str]:
         t = self.coordinator.topics
-        return [t.statuses, t.updates]
+        return [t.statuses, t.updates, t.all_update_chunks]
 
     def on_too_large(self, conn: Connection, msg: Publish, size: int) -> None:
         """A model or task the broker would refuse: agents would wait for it round after round, so stop."""
@@ -211,6 +235,10 @@ class AggregatorService:
             self._execute([c.model_publish(), *([self.onnx.last] if self.onnx and self.onnx.last else [])])
 
     def on_message(self, conn: Connection, topic: str, payload: bytes, props: dict[str, str]) -> None:
+        kind, agent = self.coordinator.topics.parse_chunk(topic)
+        if kind == "update_chunk":
+            self._on_update_chunk(conn, str(agent), payload)
+            return
         # Records are made durable by flush(), once for the read pass, before the acks.
         self._execute(self.coordinator.receive(topic, payload, self.clock()), defer_sync=True)
         if self.exporter is not None:
@@ -298,7 +326,10 @@ class AggregatorService:
                     ex.observe_checkpoint(time.perf_counter() - t0)
                 self.journal.reset()
             elif isinstance(a, Publish):
-                self.conn.publish(self._signed(a))
+                if a.topic == self.coordinator.topics.model and self._model_too_large(a):
+                    self._publish_model_chunks(a)
+                else:
+                    self.conn.publish(self._signed(a))
                 if self.fatal is not None:
                     return  # the publish was refused for good (on_too_large): nothing after it may go out
                 if a.topic == self.coordinator.topics.metrics:
@@ -332,6 +363,138 @@ class AggregatorService:
             self.flush()
         if ex is not None:
             ex.sync(self)  # after every batch: the counters stay exactly the coordinator's
+
+
+    # -- chunked payloads (docs/PROTOCOL.md §8) ---------------------------------
+
+    def _chunk_reject(self, reason: str, detail: str) -> None:
+        self.coordinator.rejected[reason] += 1  # published as rejected_<reason> like every other drop
+        self._chunk_log.log(reason, detail)
+
+    def _release(self, agent: str, *extra: tuple[int, int] | None) -> None:
+        """Acknowledge the held messages of ``agent``'s payload (and ``extra``), after the next flush."""
+        keys = self._held_acks.pop(agent, []) + [k for k in extra if k is not None]
+        self.conn.release_acks(keys)
+
+    def _on_update_chunk(self, conn: Connection, agent: str, payload: bytes) -> None:
+        """A manifest or chunk of ``agent``'s update: reassembled here, handed over whole.
+
+        Every message of a payload in progress keeps its ack until the whole
+        update is journaled: a crash mid-payload leaves them all in the
+        broker's session, which delivers them again (§8.6). A message that is
+        refused is acknowledged at once, like any dropped message.
+        """
+        key = conn.hold_ack()
+        now = self.clock()
+        if not payload:
+            conn.release_acks([key] if key else [])  # nothing to act on
+            return
+        try:
+            try:
+                item: chunking.Chunk | chunking.Manifest = chunking.decode_chunk(payload, fed=self.config.federation)
+            except wire.WireError as exc:
+                if exc.reason != "wrong_kind":
+                    raise
+                item = chunking.decode_manifest(payload, fed=self.config.federation)
+            if isinstance(item, chunking.Manifest):
+                self._on_update_manifest(agent, item, key, now)
+                return
+            r = self.assemblies.get(agent)
+            if r is None:
+                raise chunking.ChunkError("chunk_without_manifest", f"chunk {item.index} with no payload in progress")
+            done = r.add(item)
+        except wire.WireError as exc:
+            self._chunk_reject(exc.reason, f"chunked update from {agent}: {exc.detail}")
+            if exc.reason == "chunk_total_mismatch":
+                self.assemblies.pop(agent, None)
+                self._release(agent)
+            conn.release_acks([key] if key else [])
+            return
+        if key is not None:
+            self._held_acks.setdefault(agent, []).append(key)
+        if done is None:
+            return
+        del self.assemblies[agent]
+        log.info("chunked update from %s complete (%d bytes, %d chunks)", agent, len(done), item.index + 1)
+        # As if it had arrived whole: the coordinator's checks, its journal record, then
+        # (flush, in this read pass) the acks of every message of the payload.
+        self.on_message(conn, self.coordinator.topics.update(agent), done, {})
+        del done
+        self._release(agent)
+
+    def _on_update_manifest(self, agent: str, m: chunking.Manifest, key: tuple[int, int] | None, now: float) -> None:
+        if m.of != "update":
+            raise chunking.ChunkError("chunk_bad_manifest", f"a manifest of a {m.of} on an update topic")
+        if self.coordinator.open is None:
+            # Nothing could accept it: refuse before buffering anything (updates would be no_open_round).
+            raise wire.WireError("no_open_round", f"manifest of payload {m.id} from {agent}")
+        o = self.coordinator.open
+        if agent not in self.coordinator.agents and agent not in o.selected:
+            # Only agents that announced themselves (a status) or are selected in the
+            # open attempt get a buffer: a flood of made-up ids cannot make the
+            # aggregator hold one model each. (After a restart the session delivers
+            # the held chunks of a selected agent before the retained statuses, and
+            # the resumed attempt's selection comes from the journal.)
+            raise wire.WireError("not_selected", f"manifest of payload {m.id} from {agent}, who sent no status "
+                                                 "and is not selected")
+        r = self.assemblies.get(agent)
+        if r is None:
+            r = self.assemblies[agent] = chunking.Reassembler(max_total=self._max_update_bytes,
+                                                              timeout=self.chunk_timeout)
+        if r.begin(m, now):
+            # A new payload replaces the one in progress: the old one's messages are
+            # not needed any more, so they are acknowledged (dropped).
+            self._release(agent)
+            log.info("chunked update from %s: %d bytes in %d chunks (payload %s)", agent, m.size, m.count, m.id)
+        if key is not None:
+            self._held_acks.setdefault(agent, []).append(key)
+
+    def _expire_chunked(self) -> None:
+        """Drop chunked updates whose chunks stopped coming (chunk_incomplete) and acknowledge their messages."""
+        now = self.clock()
+        expired = False
+        for agent, r in list(self.assemblies.items()):
+            err = r.expire(now)
+            if err is not None:
+                del self.assemblies[agent]
+                self._chunk_reject(err.reason, f"chunked update from {agent}: {err.detail}")
+                self._release(agent)
+                expired = True
+        if expired:
+            self.conn.send_acks()
+
+    def _model_too_large(self, p: Publish) -> bool:
+        limit = chunking.effective_limit(self.conn.max_packet_size, self.config.broker.max_packet_size)
+        # (the two signature properties add under 256 bytes; not signing twice a model of megabytes)
+        return self.conn.packet_size(p) + (256 if self.signer is not None else 0) > limit
+
+    def _publish_model_chunks(self, p: Publish) -> None:
+        """The model above the packet limit: retained chunks first, then its (signed) manifest on ``model``.
+
+        One client's publishes reach the broker in order, so once the manifest is
+        retained its chunks are too: a late joiner reads the manifest and then
+        fetches the retained chunks. Retained chunk topics a smaller earlier
+        model left beyond the new count are cleared.
+        """
+        t = self.coordinator.topics
+        limit = chunking.effective_limit(self.conn.max_packet_size, self.config.broker.max_packet_size)
+        try:
+            m, pieces = chunking.split(p.payload, chunking.chunk_size_for(limit), fed=self.config.federation,
+                                       round=self.coordinator.round, of="model")
+        except ValueError as exc:
+            self._stop_for_good(f"broker: the model message of {len(p.payload)} bytes exceeds the broker's maximum "
+                                f"packet size of {limit} bytes and cannot go in chunks ({exc}): raise the broker's "
+                                "max_packet_size or use a smaller model")
+            return
+        for i, piece in enumerate(pieces):
+            chunk = chunking.Chunk(m.fed, m.round, m.sha256, i, piece)
+            self.conn.publish(Publish(t.model_chunk(i), chunking.encode_chunk(chunk), qos=1, retain=True))
+        for i in range(m.count, self._model_chunks_published):
+            self.conn.publish(Publish(t.model_chunk(i), b"", qos=1, retain=True))
+        self._model_chunks_published = m.count
+        log.info("model of round %d published in %d chunks of %d bytes (payload %s)", m.round, m.count,
+                 m.chunk_size, m.id)
+        self.conn.publish(self._signed(Publish(t.model, chunking.encode_manifest(m), qos=1, retain=True)))
 
 
 def central_evaluator(config: AggregatorConfig) -> Evaluator:

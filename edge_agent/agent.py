@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__, dp, wire
+from . import __version__, chunking, dp, wire
 from .agent_store import AgentStore
 from .compression import ErrorFeedback
 from .data import DataError, LocalData
@@ -199,6 +199,13 @@ class AgentCore:
     retry_after: float = field(default=0.0, init=False)
     updates_sent: int = field(default=0, init=False)
     finished: bool = field(default=False, init=False)
+    # A model too large for one packet, being fetched from its retained chunks
+    # (docs/PROTOCOL.md §8): one payload buffer at most, and the SHA-256 of the
+    # last one completed (its manifest again, e.g. after a reconnect, is not fetched twice).
+    model_chunks: chunking.Reassembler | None = field(default=None, init=False, repr=False)
+    _model_fetched: bytes = field(default=b"", init=False, repr=False)
+    # Largest chunked model fetched (bytes): one model of spec.MAX_PARAMS.
+    max_model_bytes: int = chunking.MAX_TOTAL_BYTES
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.fed)
@@ -244,6 +251,8 @@ class AgentCore:
         kind, addressee = self.topics.parse(topic)
         if not payload:
             return []  # a cleared retained message: nothing to act on
+        if not kind and self.topics.parse_chunk(topic)[0] == "model_chunk":
+            return self._on_model_chunk(payload)  # checked against the (signed) manifest, not signed itself
         if self.verifier is not None and kind in ("model", "task", "keys", "selected"):
             try:
                 self.verifier.verify(topic, payload, props or {})
@@ -256,6 +265,8 @@ class AgentCore:
                     # (counted): it must not take the fleet out of the next round.
                     return self._set_problem("untrusted_key", exc.detail if exc.reason == "untrusted_key" else str(exc))
                 return []
+        if kind == "model" and chunking.looks_like_manifest(payload):
+            return self._on_model_manifest(payload)
         if kind == "inbox":
             if addressee != self.agent_id:
                 return self._reject("not_for_us", f"{topic} is another device's inbox")
@@ -680,6 +691,61 @@ class AgentCore:
         return [PutOutbox(key, payload, feedback),
                 Publish(self.topics.update(self.agent_id), payload, qos=1, retain=False)]
 
+    # -- models in chunks (docs/PROTOCOL.md §8) ---------------------------------
+
+    def fetch_topics(self) -> list[str]:
+        """The retained chunk topics of the model being fetched that are still missing (subscribed on reconnect)."""
+        r = self.model_chunks
+        return [self.topics.model_chunk(i) for i in r.missing()] if r is not None else []
+
+    def _on_model_manifest(self, payload: bytes) -> list[Action]:
+        """A model too large for one packet: subscribe to its missing retained chunks."""
+        try:
+            m = chunking.decode_manifest(payload, fed=self.fed)
+            if m.of != "model":
+                raise chunking.ChunkError("chunk_bad_manifest", f"a manifest of an {m.of} on the model topic")
+            if m.sha256 == self._model_fetched and self.model_msg is not None:
+                return []  # the model we hold, announced again
+            if self.model_chunks is None:
+                self.model_chunks = chunking.Reassembler(max_total=self.max_model_bytes)
+            before = self.fetch_topics()
+            if not self.model_chunks.begin(m):
+                return []
+        except wire.WireError as exc:
+            return self._reject(exc.reason, f"model manifest: {exc.detail}")
+        log.info("%s: model of round %d comes in %d chunks (%d bytes, payload %s)", self.agent_id, m.round, m.count,
+                 m.size, m.id)
+        wanted = self.fetch_topics()
+        stale = sorted(set(before) - set(wanted))
+        # Subscribing again to a topic we hold makes the broker send its retained chunk again.
+        return ([chunking.Unsubscribe(stale)] if stale else []) + [chunking.Subscribe(wanted)]
+
+    def _on_model_chunk(self, payload: bytes) -> list[Action]:
+        r = self.model_chunks
+        if r is None or r.manifest is None:
+            return []  # no fetch in progress: a retained chunk of a model we already hold
+        m = r.manifest
+        try:
+            done = r.add(chunking.decode_chunk(payload, fed=self.fed))
+        except chunking.ChunkError as exc:
+            if exc.reason == "chunk_without_manifest":
+                return []  # a newer model's chunk ahead of its manifest, or an older one's: not an error
+            return self._reject(exc.reason, f"model chunk: {exc.detail}")
+        except wire.WireError as exc:
+            return self._reject(exc.reason, f"model chunk: {exc.detail}")
+        if done is None:
+            return []
+        actions: list[Action] = [chunking.Unsubscribe([self.topics.model_chunk(i) for i in range(m.count)])]
+        try:
+            # The chunks match the manifest, whose signature (if keys are pinned) was checked.
+            msg = wire.decode(done, expect="model", fed=self.fed, max_bytes=max(wire.MAX_PAYLOAD_BYTES, len(done)))
+        except wire.WireError as exc:
+            return actions + self._reject(exc.reason, f"chunked model {m.id}: {exc.detail}")
+        finally:
+            del done  # the reassembly buffer: the decoded arrays are copies
+        self._model_fetched = m.sha256
+        return actions + self._on_model(msg)
+
 
 class AgentRunner:
     """Adapter: runs an :class:`AgentCore` over one MQTT connection on a :class:`Loop`.
@@ -712,6 +778,8 @@ class AgentRunner:
         self.loop = loop
         self.on_done = on_done
         self.store = store
+        # The chunked update being sent (docs/PROTOCOL.md §8), if any.
+        self._outgoing: chunking.Outgoing | None = None
         self.eligibility = eligibility
         if store is not None:
             core.trained |= store.load_trained()
@@ -740,7 +808,58 @@ class AgentRunner:
 
     # Handler protocol
     def subscriptions(self) -> list[str]:
-        return self.core.subscriptions()
+        # and the chunks still missing of a model being fetched: the broker sends them again (retained)
+        return self.core.subscriptions() + self.core.fetch_topics()
+
+    def on_published(self, conn: Connection, mid: int) -> None:
+        """The broker acknowledged a publish: a chunk of the update being sent makes room for the next."""
+        out = self._outgoing
+        if out is not None and out.published(mid):
+            if out.done:
+                log.info("%s: chunked update %s delivered (%d chunks)", self.core.agent_id, out.manifest.id,
+                         out.manifest.count)
+            self._pump()
+
+    def _send_chunked(self, a: Publish) -> bool:
+        """Send an update above the packet limit as a manifest and chunks (docs/PROTOCOL.md §8); False if it fits.
+
+        The same payload again (the outbox resent after a reconnect) sends only
+        the chunks never handed to the MQTT client: acknowledged ones are not
+        sent again, and the ones in flight are paho's to resend.
+        """
+        core = self.core
+        if a.topic != core.topics.update(core.agent_id):
+            return False
+        limit = chunking.effective_limit(self.conn.max_packet_size, getattr(self.conn.broker, "max_packet_size", 0))
+        if self.conn.packet_size(a) <= limit:
+            return False
+        out = self._outgoing
+        try:
+            size = chunking.chunk_size_for(limit)
+            if out is None or out.manifest.chunk_size != size or bytes(out.manifest.sha256) != hashlib.sha256(
+                    a.payload).digest():
+                rnd = core.task.round if core.task is not None else 0
+                m, pieces = chunking.split(a.payload, size, fed=core.fed, round=rnd, of="update")
+                self._outgoing = chunking.Outgoing(m, pieces)
+                log.info("%s: update of %d bytes goes in %d chunks of %d bytes (payload %s)", core.agent_id,
+                         m.size, m.count, size, m.id)
+        except ValueError as exc:  # the limit is too small to chunk this payload
+            log.error("%s: cannot send the update in chunks: %s", core.agent_id, exc)
+            return False  # so the connection refuses it as too large, and the device says so (payload_too_large)
+        self._pump()
+        return True
+
+    def _pump(self) -> None:
+        """Hand the next chunks of the update being sent to the MQTT client, within the send window."""
+        out = self._outgoing
+        if out is None:
+            return
+        topic = self.core.topics.update_chunks(self.core.agent_id)
+        for i in out.due():
+            mid = self.conn.publish_tracked(Publish(topic, out.message(i), qos=1, retain=False))
+            if mid is None:
+                return  # refused now (queue full): the next ack or reconnect tries again
+            out.sent(i, mid)
 
     def on_takeover_suspected(self, conn: Connection, problem: str) -> None:
         self.core.suspect_duplicate(problem)  # published with the status at the next connection
@@ -760,6 +879,7 @@ class AgentRunner:
 
     def on_connected(self, conn: Connection) -> None:
         self._execute(self.core.connected())
+        self._pump()  # chunks of an update never handed over before the connection went away
         if self.on_connect is not None:
             self.on_connect(self)
 
@@ -769,7 +889,13 @@ class AgentRunner:
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Publish):
+                if self._send_chunked(a):
+                    continue  # an update above the packet limit: sent as a manifest and chunks
                 self.conn.publish(a)  # one over the broker's packet limit comes back through on_too_large
+            elif isinstance(a, chunking.Subscribe):
+                self.conn.subscribe(a.topics)
+            elif isinstance(a, chunking.Unsubscribe):
+                self.conn.unsubscribe(a.topics)
             elif isinstance(a, Train):
                 # Deferred so the loop serves other clients' sockets between trainings.
                 job = lambda a=a: self._execute(self.core.train(a.round, a.attempt))  # noqa: E731

@@ -40,6 +40,9 @@ class BrokerConfig:
     ca_file: str = field(default="", metadata={"help": "CA certificate that signed the broker's (TLS)"})
     cert_file: str = field(default="", metadata={"help": "client certificate (TLS client authentication)"})
     key_file: str = field(default="", metadata={"help": "client private key (TLS client authentication)"})
+    max_packet_size: int = field(default=0, metadata={
+        "help": "largest MQTT packet to send, in bytes (0: what the broker announces); larger models and updates "
+                "go in chunks"})
 
     def secret(self) -> str:
         """The password: from password_file when set, else the password key."""
@@ -62,6 +65,8 @@ class BrokerConfig:
             out.append(("host", "must not be empty"))
         if not 1 <= self.port <= 65535:
             out.append(("port", f"must be in 1..65535, got {self.port}"))
+        if self.max_packet_size and self.max_packet_size < 64 * 1024:
+            out.append(("max_packet_size", f"must be 0 (the broker's) or at least 65536 bytes, got {self.max_packet_size}"))
         if not 5 <= self.keepalive <= 3600:
             out.append(("keepalive", f"must be in 5..3600 seconds, got {self.keepalive}"))
         return out

@@ -80,10 +80,11 @@ CLOSE_FLUSH_S = 5.0
 # Group commit (manual_ack): the QoS 1 messages handled in one read pass are
 # acknowledged together, after the handler's flush() made them durable with
 # one fsync. A read pass goes on while the socket has more to read, up to
-# these bounds, then flushes and acks. The broker does not bound a batch: an
-# MQTT v5 client's in-flight window is its Receive Maximum, 65,535 when (as
-# here) none is sent, and bench/bench_journal.py saw 86 updates of a
-# 100-agent round in one pass. Every message of a batch waits for the
+# these bounds, then flushes and acks. The broker's bound is the client's
+# in-flight window: mosquitto 2.0 sends a client that announces no Receive
+# Maximum at most 20 unacknowledged QoS 1 messages (measured), so the
+# aggregator announces 65,535 (aggregator/service.py RECEIVE_MAXIMUM; the
+# held-back acks of a chunked update need it). Every message of a batch waits for the
 # handling of all of them (decode, fold) before its ack, and the sockets of
 # other clients and the timers wait for the pass: 100 messages is about one
 # fleet round and a few ms of handling for small models. The byte bound: an
@@ -134,6 +135,8 @@ class Handler(Protocol):
     # :attr:`Connection.fatal`); without it the loop is stopped.
     # Optional: ``on_too_large(conn, msg, size)`` when a publish was refused because it
     # exceeds the broker's maximum packet size (``conn.max_packet_size``).
+    # Optional: ``on_published(conn, mid)`` when the broker acknowledged a QoS 1 publish
+    # (the mid that :meth:`Connection.publish_tracked` returned).
     # Optional: ``on_takeover_suspected(conn, problem)`` / ``on_takeover_cleared(conn)``
     # (see SHORT_SESSION_S).
     # Optional, with manual_ack: ``flush(conn)``, called before the acks of the messages
@@ -321,6 +324,7 @@ class Connection:
         clean_start: bool = True,
         session_expiry_s: int = 0,
         manual_ack: bool = False,
+        receive_maximum: int = 0,
     ) -> None:
         self.loop = loop
         self.broker = broker
@@ -348,6 +352,10 @@ class Connection:
         self.manual_ack = manual_ack
         self._unacked: list[tuple[int, int]] = []  # (mid, qos) handled, waiting for flush() and the ack
         self._unacked_bytes = 0
+        # Acks the handler holds back past the read pass (hold_ack/release_acks):
+        # the chunks of a payload are acknowledged only once the whole payload is durable.
+        self._current: tuple[int, int] | None = None
+        self._held_current = False
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack)
         c.max_queued_messages_set(MAX_QUEUED_MESSAGES)
         c.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG (-vv)
@@ -366,14 +374,20 @@ class Connection:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_publish = self._on_publish
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
         c.on_socket_unregister_write = self._on_unregister_write
         props = None
-        if session_expiry_s:
+        if session_expiry_s or receive_maximum:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = session_expiry_s
+            if session_expiry_s:
+                props.SessionExpiryInterval = session_expiry_s
+            if receive_maximum:
+                # Without it mosquitto sends a v5 client at most max_inflight_messages (20)
+                # unacknowledged QoS 1 messages: a receiver that holds acks (chunks) needs more.
+                props.ReceiveMaximum = receive_maximum
         c.connect_async(broker.host, broker.port, broker.keepalive, clean_start=clean_start, properties=props)
         self.client = c
         loop.connections.append(self)
@@ -389,13 +403,22 @@ class Connection:
         refused here with a log line: sent anyway, the broker would
         disconnect us and paho would resend it on every reconnect, forever.
         """
+        return self.publish_tracked(msg) is not None
+
+    def publish_tracked(self, msg: Publish) -> int | None:
+        """Like :meth:`publish`, but returns the message id (None when refused).
+
+        The handler's optional ``on_published(conn, mid)`` hears when the
+        broker acknowledged it (QoS 1); paho resends it after a reconnect
+        until then.
+        """
         size = self.packet_size(msg)
         if self.max_packet_size and size > self.max_packet_size:
             self.refused_too_large += 1
             log.error("%s: not publishing %d bytes to %s: the broker's maximum packet size is %d bytes",
                       self.client_id, size, msg.topic, self.max_packet_size)
             self._notify("on_too_large", msg, size)
-            return False
+            return None
         props = None
         if msg.user_properties or msg.content_type:
             props = Properties(PacketTypes.PUBLISH)
@@ -409,8 +432,19 @@ class Connection:
             self._inflight.append(info)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s refused: %s", self.client_id, msg.topic, paho.error_string(info.rc))
-            return False
-        return True
+            return None
+        return info.mid
+
+    def subscribe(self, topics: list[str]) -> None:
+        """Subscribe at QoS 1 now (from the loop thread); while disconnected nothing is sent,
+        so the handler's ``subscriptions()`` must name these topics for the next connection."""
+        if topics and self.connected:
+            self.client.subscribe([(t, 1) for t in topics])
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        """Unsubscribe now (from the loop thread); nothing to do while disconnected."""
+        if topics and self.connected:
+            self.client.unsubscribe(list(topics))
 
     @staticmethod
     def packet_size(msg: Publish) -> int:
@@ -585,17 +619,50 @@ class Connection:
         try:
             props = getattr(msg, "properties", None)
             user = dict(getattr(props, "UserProperty", None) or [])  # MQTT v5 user properties (signatures)
+            self._current, self._held_current = (msg.mid, msg.qos), False
             self.handler.on_message(self, msg.topic, msg.payload, user)
         except Exception:
             # Acknowledged anyway below: a message that crashes the handler
             # would crash it again on every redelivery.
             log.exception("%s: handling a message on %s failed", self.client_id, msg.topic)
+            self._held_current = False
+        self._current = None
+        if self._held_current:
+            return  # the handler acknowledges it later (release_acks)
         if self.manual_ack and msg.qos > 0:
             # Not yet: at the end of this read pass, after the handler's flush().
             self._unacked.append((msg.mid, msg.qos))
             self._unacked_bytes += len(msg.payload)
             if len(self._unacked) >= MAX_ACK_BATCH or self._unacked_bytes >= MAX_ACK_BATCH_BYTES:
                 self.send_acks()
+
+    def hold_ack(self) -> tuple[int, int] | None:
+        """From ``on_message`` with manual_ack: do not acknowledge the message being handled
+        at the end of this read pass; returns its key for :meth:`release_acks` (None: nothing to hold)."""
+        if not self.manual_ack or self._current is None or self._current[1] == 0:
+            return None
+        self._held_current = True
+        return self._current
+
+    def release_acks(self, keys: list[tuple[int, int]]) -> None:
+        """Acknowledge held messages with the next batch, after the handler's flush().
+
+        Outside a read pass (a timer) call :meth:`send_acks` afterwards. A key
+        from an earlier connection is acknowledged on the current one: the
+        broker redelivered that message with the same packet id (a persistent
+        session), or it ignores the ack.
+        """
+        seen = set(self._unacked)
+        for key in keys:
+            if key not in seen:
+                seen.add(key)
+                self._unacked.append(key)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        try:
+            self._notify("on_published", mid)
+        except Exception:
+            log.exception("%s: on_published handler failed", self.client_id)
 
     def batch_open(self) -> bool:
         """Handled messages wait for their ack: the read pass goes on while the socket has more.

@@ -35,10 +35,11 @@ MAX_PARAM_NDIM = 8
 # trains (the codec's payload cap is the real ceiling on total size).
 MAX_DIM = 1 << 20
 MAX_HIDDEN_LAYERS = 8
-# Total scalar parameters a spec may declare: 8 million float32 values are
-# 30.5 MiB, which fits the codec's 32 MiB payload cap with room for the
-# msgpack framing; a larger model could never be sent.
-MAX_PARAMS = 8_000_000
+# Total scalar parameters a spec may declare: 2^27 float32 values are 512 MiB.
+# A model above one packet (32 MiB at most) travels in chunks
+# (edge_agent/chunking.py, whose MAX_TOTAL_BYTES is this model plus framing);
+# a spec alone allocates nothing, its arrays must arrive and match it.
+MAX_PARAMS = 1 << 27
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,41 @@ class Topics:
             return parts[2], parts[1]
         return "", None
 
+    # -- chunked payloads (docs/PROTOCOL.md §8) ---------------------------------
+
+    def update_chunks(self, agent: str) -> str:
+        """Where ``agent`` sends a chunked update: its manifest, then its chunks, on one topic (so in order)."""
+        return f"{self.prefix}/update/{_agent(agent)}/chunk"
+
+    @property
+    def all_update_chunks(self) -> str:
+        """Subscription filter for every agent's chunked updates (``update/+`` does not match them)."""
+        return f"{self.prefix}/update/+/chunk"
+
+    def model_chunk(self, index: int) -> str:
+        """Retained chunk ``index`` of a model too large for one packet (its manifest is on ``model``)."""
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"chunk index must be an int >= 0, got {index!r}")
+        return f"{self.prefix}/model/chunk/{index}"
+
+    def parse_chunk(self, topic: str) -> tuple[str, str | int | None]:
+        """Classify a chunk topic: ("update_chunk", agent id), ("model_chunk", index), or ("", None).
+
+        Separate from :meth:`parse` (which returns "" for these topics, so code
+        that knows nothing of chunks ignores them). An index is decimal without
+        leading zeros, so one chunk has exactly one topic.
+        """
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return "", None
+        parts = topic[len(head):].split("/")
+        if len(parts) == 3 and parts[0] == "update" and parts[2] == "chunk" and valid_id(parts[1]):
+            return "update_chunk", parts[1]
+        if (len(parts) == 3 and parts[:2] == ["model", "chunk"] and parts[2].isascii() and parts[2].isdigit()
+                and (parts[2] == "0" or not parts[2].startswith("0")) and len(parts[2]) <= 9):
+            return "model_chunk", int(parts[2])
+        return "", None
+
 
 def _agent(agent: str) -> str:
     if not valid_id(agent):

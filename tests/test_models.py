@@ -338,7 +338,7 @@ def test_param_shapes_order():
         (("pkg.mod:Cnn", 4, 2, (), (("w", (4,)), ("w", (2,)))), "must be distinct"),
         (("pkg.mod:Cnn", 4, 2, (), (("bad name", (4,)),)), "must be distinct and match"),
         (("pkg.mod:Cnn", 4, 2, (3,), (("w", (4,)),)), "hidden layers are only"),
-        (("pkg.mod:Cnn", 4, 2, (), (("w", (MAX_DIM, 16)),)), "more than the limit"),
+        (("pkg.mod:Cnn", 4, 2, (), (("w", (MAX_DIM, 256)),)), "more than the limit"),
         (("softmax", 4, 2, (), (("w", (4,)),)), "only custom models list"),
         (("mlp", 4, 2, ()), "hidden layer"),
         (("softmax", 4, 2, (3,)), "only for kind 'mlp'"),
@@ -352,7 +352,7 @@ def test_param_shapes_order():
         (("mlp", 4, 2, (3, True)), "hidden: layer sizes must be"),
         (("mlp", 4, 2, [3]), "hidden: must be at most"),
         (("mlp", 4, 2, (2,) * (MAX_HIDDEN_LAYERS + 1)), "hidden: must be at most"),
-        (("softmax", MAX_DIM, 10), "more than the limit"),
+        (("mlp", MAX_DIM, 10, (200,)), "more than the limit"),
     ],
 )
 def test_spec_problems(args, fragment):

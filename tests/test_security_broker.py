@@ -264,6 +264,8 @@ def test_provision_writes_keys_certificates_passwords_and_acl(pki):
             f"topic write fl/{FED}/agent/{agent}/status",
             f"topic read fl/{FED}/agent/{agent}/inbox",
             f"topic read fl/{FED}/agent/{agent}/selected",
+            f"topic write fl/{FED}/update/{agent}/chunk",
+            f"topic read fl/{FED}/model/chunk/+",
             *reads)],
     ]
     # no pattern lines (they would apply to the observer too), no topic line before the first user line
