@@ -19,6 +19,12 @@ bench: setup-dev
 	$(PY) bench/bench_onnx.py
 	$(PY) bench/bench_rounds.py
 	$(PY) bench/bench_secagg.py --quick
+	$(PY) bench/bench_journal.py
+	$(PY) bench/bench_startup.py
+	$(PY) bench/bench_compression.py --jobs 2
+	ulimit -v 16000000; timeout 900 $(PY) bench/bench_chunking.py
+	$(PY) bench/bench_flower.py
+	$(PY) bench/bench_scale.py --floor
 
 setup-demo:
 	@scripts/setup.sh $(VENV) aggregator,demo

@@ -37,6 +37,7 @@ accepted with weight ``n · (1 + s)^-p`` (s = versions behind), and every
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections import Counter
@@ -177,6 +178,18 @@ class _OpenRound:
     metric_sums: dict[str, list[float]] = field(default_factory=dict)
     stale_sum: float = 0.0
     q: float = 1.0  # DP sampling rate of this round's selection
+    # The selection as a set: every update asks "is its sender selected?", and a
+    # list would make that O(N) per update, O(N^2) per round of N devices.
+    chosen: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chosen = set(self.selected)
+
+    def admit(self, agent: str) -> None:
+        """Add ``agent`` to the selection (async newcomers), keeping it sorted."""
+        if agent not in self.chosen:
+            bisect.insort(self.selected, agent)
+            self.chosen.add(agent)
 
 
 class Coordinator:
@@ -353,10 +366,10 @@ class Coordinator:
         if self.secagg is not None and not info.online:
             return self._secagg_step(self.secagg.agent_offline(msg.agent, now), now)
         if self.open is not None and self.async_mode and self._usable(info):
-            if msg.agent not in self.open.selected:
+            if msg.agent not in self.open.chosen:
                 # Async rounds take whoever is there: let the newcomer in. The
                 # task selects every eligible agent, so nothing is published.
-                self.open.selected = sorted({*self.open.selected, msg.agent})
+                self.open.admit(msg.agent)
                 self.open.target = min(self.config.fedbuff.buffer, len(self.open.selected))
             return []
         return self._maybe_open(now)
@@ -405,7 +418,7 @@ class Coordinator:
         else:
             if msg.round != o.round:
                 return self._reject("wrong_round", f"update from {agent} for round {msg.round}, open is {o.round}")
-            if agent not in o.selected:
+            if agent not in o.chosen:
                 return self._reject("not_selected", f"update from {agent} who is not selected in round {o.round}")
             if msg.base != self.version:
                 return self._reject("stale_base", f"update from {agent} on base {msg.base}, current {self.version}")

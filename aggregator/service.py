@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -263,6 +264,14 @@ class AggregatorService:
                       round_number, type(exc).__name__, exc)
             return None
 
+    def _publish_onnx(self, round_number: int, version: str, params: dict) -> None:
+        """Export and publish the ONNX copy of the model of ``round_number``, unless a newer one has closed since."""
+        if self.coordinator.version != version or self.fatal is not None:
+            return  # a later round's model is out (its own export is queued), or we are stopping
+        onnx = self._onnx_export(round_number, version, params)
+        if onnx is not None:
+            self.conn.publish(self._signed(onnx))
+
     def _signed(self, p: Publish) -> Publish:
         if self.signer is None or (p.topic not in self._signed_topics
                                    and self.coordinator.topics.parse(p.topic)[0] != "selected"):
@@ -339,9 +348,14 @@ class AggregatorService:
             elif isinstance(a, RoundClosed):
                 s = a.summary
                 if self.onnx is not None and self.onnx.due(s.round):
-                    onnx = self._onnx_export(s.round, s.version, self.coordinator.params)
-                    if onnx is not None:
-                        self.conn.publish(self._signed(onnx))
+                    export = partial(self._publish_onnx, s.round, s.version, self.coordinator.params)
+                    if any(isinstance(x, Finished) for x in actions):
+                        export()  # the last round: nothing waits, and the federation ends with its file
+                    else:
+                        # After this pass, so the next task goes out first: the export
+                        # (graph building, onnx.checker) is the largest cost of a round
+                        # close, and nothing of the round protocol waits for model/onnx.
+                        self.loop.call_soon(export)
                 self.metrics_csv.append(self.coordinator.history)
                 if ex is not None:
                     ex.round_closed(s)
@@ -429,7 +443,7 @@ class AggregatorService:
             # Nothing could accept it: refuse before buffering anything (updates would be no_open_round).
             raise wire.WireError("no_open_round", f"manifest of payload {m.id} from {agent}")
         o = self.coordinator.open
-        if agent not in self.coordinator.agents and agent not in o.selected:
+        if agent not in self.coordinator.agents and agent not in o.chosen:
             # Only agents that announced themselves (a status) or are selected in the
             # open attempt get a buffer: a flood of made-up ids cannot make the
             # aggregator hold one model each. (After a restart the session delivers
