@@ -168,7 +168,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 out.write(f"broker: private mosquitto on {broker.address}\n")
             bcfg = BrokerConfig(host=host, port=port)
             if procs > 1:
-                # Started first: they import and build their data while the baseline trains here.
+                # Started first: they import and connect while the baseline trains here.
                 spec = DataSpec(opts.agents, "digits", opts.partition, opts.alpha, seed=opts.seed)
                 workers = ProcessSimulation(bcfg, opts.federation, spec, procs, seed=opts.seed)
                 workers.start()

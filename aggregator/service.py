@@ -56,6 +56,14 @@ log = logging.getLogger(__name__)
 # acknowledged only when the whole payload is durable, so up to
 # chunking.MAX_CHUNKS per sender wait at once.
 RECEIVE_MAXIMUM = 65535
+# Outgoing messages paho may hold for the aggregator. A round opening publishes
+# one retained `selected` notice per selected agent before its task, so the
+# agents' bound (edge_agent.mqtt.MAX_QUEUED_MESSAGES, 1000) would refuse the
+# task of any round that selects more than about 1000 devices. This covers
+# the selection of the largest list a message may carry (wire.MAX_LIST_LEN,
+# 100,000) plus a model's chunks and the round's few other messages, and
+# still stops growth while the broker is gone.
+MAX_QUEUED_PUBLISHES = 2 * wire.MAX_LIST_LEN + 10_000
 # Shortest time a chunked update may take (the round timeout when longer):
 # a payload whose chunks stop coming is dropped as chunk_incomplete after it.
 CHUNK_TIMEOUT_MIN_S = 10.0
@@ -141,6 +149,7 @@ class AggregatorService:
             # The chunks of a payload stay unacknowledged until the whole payload is
             # journaled (docs/PROTOCOL.md §8.6): mosquitto's default window of 20 would stall them.
             receive_maximum=RECEIVE_MAXIMUM,
+            max_queued=MAX_QUEUED_PUBLISHES,
         )
         self._started = False
         # Chunked updates being reassembled, per sender (docs/PROTOCOL.md §8): one

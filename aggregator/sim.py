@@ -10,11 +10,12 @@ One thread trains one agent at a time. :class:`ProcessSimulation`
 (``fedmqtt sim --procs K``) runs K worker processes, each a
 :class:`Simulation` of a contiguous block of the agents with its own Loop.
 Workers are started with "spawn" (never fork: the parent has threads and
-sockets) and get a :class:`~aggregator.datasets.DataSpec`, not arrays: each
-builds the whole federation's data and keeps its agents' part, and agent i
-keeps its id, data and seed (:func:`agent_seed`), so the federation computes
-exactly what one process computes. Every update still goes through the
-broker. The parent only supervises: it stops the workers on request (its own
+sockets). The parent builds the federation's data once from a
+:class:`~aggregator.datasets.DataSpec` and hands each worker its agents'
+part (a worker then imports neither scikit-learn nor the rest of the data);
+agent i keeps its id, data and seed (:func:`agent_seed`), so the federation
+computes exactly what one process computes. Every update still goes through
+the broker. Apart from that build the parent only supervises: it stops the workers on request (its own
 SIGINT/SIGTERM), reports a worker that dies with its exit code, and a worker
 whose parent is gone (its pipe closes, even after SIGKILL) stops by itself.
 """
@@ -29,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from edge_agent.agent import AgentCore, AgentRunner
@@ -162,7 +163,7 @@ class WorkerError(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkerArgs:
-    """Everything a worker needs, pickled to it at start (no arrays)."""
+    """Everything a worker needs, pickled to it at start: settings, and its own agents' data."""
 
     number: int  # 1-based, for messages
     of: int
@@ -175,6 +176,10 @@ class WorkerArgs:
     train_delay: float
     exit_when_done: bool
     log_level: int
+    # This worker's agents' data, built once by the parent (ProcessSimulation.start):
+    # K workers building the whole federation each cost K imports of
+    # scikit-learn and K builds (at one process per agent, most of the start-up).
+    datas: tuple[LocalData, ...] = ()
 
 
 def _send(conn, msg: object) -> None:
@@ -205,9 +210,7 @@ def worker_main(args: WorkerArgs, conn) -> None:
 
     t0 = time.monotonic()
     try:
-        data = args.data.build()
-        datas = [data.agents[i] for i in args.indices]
-        del data  # keep only this worker's agents
+        datas = list(args.datas)
         sim = Simulation(args.broker, args.federation, datas, seed=args.seed, prefix=args.prefix,
                          train_delay=args.train_delay, indices=args.indices)
     except (ConfigError, DataError, PartitionError, ValueError) as exc:
@@ -320,7 +323,24 @@ class ProcessSimulation:
         return bool(self.workers) and all(w.done for w in self.workers)
 
     def start(self) -> None:
-        """Start every worker (they build their data and connect in parallel)."""
+        """Build the federation's data once, then start every worker with its part (they connect in parallel).
+
+        Raises :class:`WorkerError` (exit code 2) when the data cannot be built
+        (a bad partition, say), before any worker is started.
+        """
+        from edge_agent.config import ConfigError
+        from edge_agent.data import DataError
+
+        from .partition import PartitionError
+
+        t0 = time.monotonic()
+        try:
+            built = self._args[0].data.build().agents if self._args else []
+        except (ConfigError, DataError, PartitionError, ValueError) as exc:
+            raise WorkerError(f"config error: {exc}" if isinstance(exc, ConfigError) else str(exc), 2) from None
+        self._args = [replace(a, datas=tuple(built[i] for i in a.indices)) for a in self._args]
+        del built
+        log.info("data of %d agents built in %.2f s", self.agents, time.monotonic() - t0)
         ctx = multiprocessing.get_context(START_METHOD)
         for args in self._args:
             parent_end, child_end = ctx.Pipe()

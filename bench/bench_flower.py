@@ -216,7 +216,7 @@ def _profiler(pyspy: Path | None, pid: int, out: Path, rate: int) -> subprocess.
 
 
 def run_fedmqtt(n: int, rounds: int, data_dir: Path, work: Path, rep: int, as_gib: float, limit: int,
-                pyspy: Path | None = None, prof_dir: Path | None = None) -> Run:
+                pyspy: Path | None = None, prof_dir: Path | None = None, onnx_every: int = 1) -> Run:
     fed = f"bench-flower-{n}a-r{rep}-{os.getpid()}"
     state = work / f"fm-{n}-{rep}-state"
     sampler = TreeSampler(classify, interval=0.2, limit_bytes=limit).start()
@@ -240,6 +240,8 @@ lr = {LR}
 min_agents = {n}
 agents_per_round = 0
 timeout = 300.0
+[onnx]
+every = {onnx_every}
 [broker]
 host = "{broker.host}"
 port = {broker.port}
@@ -462,6 +464,9 @@ def main() -> None:
     p.add_argument("--agents", type=int, nargs="+", default=[10, 50], help="agent counts (default 10 50)")
     p.add_argument("--repeat", type=int, default=3, help="alternating repetitions per side (default 3)")
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--onnx-every", type=int, default=1,
+                   help="fedmqtt's [onnx] every (default 1, the shipped default; 0: no ONNX export, which Flower "
+                        "does not make either)")
     p.add_argument("--quick", action="store_true", help="N = 10 only, 1 repetition, 5 rounds (a smoke run)")
     p.add_argument("--profile", action="store_true",
                    help="then one py-spy-profiled run per side at the largest N (not in the table)")
@@ -498,7 +503,7 @@ def main() -> None:
             for rep in range(1, a.repeat + 1):
                 for side in ("fedmqtt", "flower"):
                     if side == "fedmqtt":
-                        r = run_fedmqtt(n, a.rounds, d, work, rep, a.as_limit_gib, limit)
+                        r = run_fedmqtt(n, a.rounds, d, work, rep, a.as_limit_gib, limit, onnx_every=a.onnx_every)
                     else:
                         r = run_flower(py, n, a.rounds, d, work, rep, a.as_limit_gib, limit)
                     if any(x != n for x in r.participants):
@@ -515,7 +520,7 @@ def main() -> None:
             prof.mkdir()
             d = work / f"data-{n}"
             print(f"\nProfiles at N = {n} (py-spy record --idle -r 100 --nonblocking; runs not in the table):")
-            r1 = run_fedmqtt(n, a.rounds, d, work, 99, a.as_limit_gib, limit, pyspy, prof)
+            r1 = run_fedmqtt(n, a.rounds, d, work, 99, a.as_limit_gib, limit, pyspy, prof, onnx_every=a.onnx_every)
             r2 = run_flower(py, n, a.rounds, d, work, 99, a.as_limit_gib, limit, pyspy, prof)
             print(f"  (profiled runs: fedmqtt {r1.s_round:.3f} s/round, Flower {r2.s_round:.3f} s/round)")
             for name in (f"fedmqtt-aggregator-{n}.txt", f"fedmqtt-agent-{n}.txt", f"flower-server-{n}.txt",

@@ -325,6 +325,7 @@ class Connection:
         session_expiry_s: int = 0,
         manual_ack: bool = False,
         receive_maximum: int = 0,
+        max_queued: int = MAX_QUEUED_MESSAGES,
     ) -> None:
         self.loop = loop
         self.broker = broker
@@ -357,7 +358,7 @@ class Connection:
         self._current: tuple[int, int] | None = None
         self._held_current = False
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack)
-        c.max_queued_messages_set(MAX_QUEUED_MESSAGES)
+        c.max_queued_messages_set(max_queued)
         c.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG (-vv)
         if broker.username:
             c.username_pw_set(broker.username, broker.secret() or None)

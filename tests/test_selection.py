@@ -6,6 +6,7 @@ tests run the aggregator service and a real agent over a real mosquitto.
 
 from __future__ import annotations
 
+import queue
 import time
 
 import numpy as np
@@ -285,3 +286,51 @@ def test_an_agent_that_is_not_selected_never_trains_over_the_broker(fed, broker_
     assert [(s.selected, s.participants) for s in summaries] == [(1, 1)] * 4
     assert sum(r.core.updates_sent for r in sim.runners) == 4  # nobody trained for a round it was not in
     assert not ra.coordinator.rejected
+
+
+@pytest.mark.broker
+def test_a_round_that_selects_more_devices_than_an_agents_queue_holds_still_publishes_its_task(
+        fed, broker_config, tmp_path, start_aggregator, raw_client):
+    """1,500 selected: 1,500 notices, then the task, all leave the aggregator (found by bench_scale at N = 1,000)."""
+    from edge_agent.mqtt import MAX_QUEUED_MESSAGES
+
+    n = MAX_QUEUED_MESSAGES + 500
+    topics = Topics(fed)
+    cfg = AggregatorConfig(
+        federation=fed, rounds=1, state_dir=str(tmp_path / "state"),
+        model=ModelConfig(kind="linear", n_features=1, n_outputs=1),
+        round=RoundConfig(min_agents=n, quorum=1, timeout=WAIT_S), broker=broker_config,
+    )
+    cfg.onnx.every = 0
+    watcher = raw_client()
+    watcher.subscribe(f"{topics.prefix}/agent/+/selected")
+    watcher.subscribe(topics.task)
+    ra = start_aggregator(cfg)
+    devices = raw_client()
+    names = [f"d{i:05d}" for i in range(n)]
+    for name in names:  # one client speaks for all: the statuses are what makes the round open
+        devices.client.publish(topics.status(name),
+                               wire.encode(wire.StatusMsg(fed, 0, name, "online", 1, ["linear"])), qos=1, retain=True)
+    got: dict[str, wire.SelectedMsg] = {}
+    task = None
+    end = time.monotonic() + WAIT_S
+    while (task is None or len(got) < n) and time.monotonic() < end:
+        try:
+            t, payload, _ = watcher.messages.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        kind, agent = topics.parse(t)
+        if kind == "selected" and payload:
+            got[agent] = wire.decode(payload, expect="selected")
+        elif kind == "task" and payload:
+            msg = wire.decode(payload, expect="task")
+            if msg.state == "open":
+                assert len(got) == n  # every notice came before the task
+                task = msg
+    assert task is not None, f"no open task; {len(got)} notices; rejected {dict(ra.coordinator.rejected)}"
+    assert {(m.round, m.attempt) for m in got.values()} == {(task.round, task.attempt)}
+    got = set(got)
+    assert got == set(names)
+    for name in names:  # clean up: no retained state of this test's federation
+        devices.client.publish(topics.status(name), b"", qos=1, retain=True)
+        devices.client.publish(topics.selected(name), b"", qos=1, retain=True)

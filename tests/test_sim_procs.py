@@ -236,12 +236,12 @@ def test_a_killed_worker_is_reported_with_its_exit_code(fed, broker):
 
 
 @pytest.mark.broker
-def test_a_worker_that_cannot_build_its_data_fails_the_run_with_the_reason(fed, broker):
+def test_data_that_cannot_be_built_fails_the_run_with_the_reason_before_any_worker_starts(fed, broker):
     proc = subprocess.run(
         [FEDMQTT, "sim", "--agents", "140", "--procs", "2", "--broker", broker.address, "--federation", fed,
          "--partition", "dirichlet", "--alpha", "0.01", "--exit-when-done"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "fedmqtt sim: error: worker" in proc.stderr and "exited with code 2" in proc.stderr
+    assert "fedmqtt sim: error: no Dirichlet" in proc.stderr and "started" not in proc.stderr
     assert "Dirichlet" in proc.stderr and "Traceback" not in proc.stderr
