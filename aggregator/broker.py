@@ -63,7 +63,7 @@ def free_port() -> int:
 
 
 def render_config(
-    template: str, port: int, workdir: Path, overrides: Mapping[str, str | None] | None = None
+    template: str, port: int, workdir: Path, overrides: Mapping[str, str | None] | None = None, extra: str = ""
 ) -> str:
     """The private copy of the config: our port, our data dir, our log, root if needed.
 
@@ -74,7 +74,9 @@ def render_config(
     ``overrides`` maps an option to its new value: every line setting that
     option is replaced in place (``None`` deletes it), and an option the
     template lacks is appended (after the last listener, so a listener
-    option applies to it).
+    option applies to it). ``extra`` is appended verbatim at the very end: a
+    section whose options repeat or are positional, such as a bridge
+    (``connection ...`` then its ``address`` and ``topic`` lines).
     """
     overrides = dict(overrides or {})
     for key in overrides:
@@ -100,6 +102,8 @@ def render_config(
     out.append(f"log_dest file {workdir / 'mosquitto.log'}")
     if os.geteuid() == 0:
         out.append("user root")
+    if extra:
+        out.append(extra.rstrip("\n"))
     return "\n".join(out) + "\n"
 
 
@@ -111,9 +115,11 @@ class LocalBroker:
         conf: str | Path = REPO_CONF,
         workdir: str | Path | None = None,
         overrides: Mapping[str, str | None] | None = None,
+        extra: str = "",
     ) -> None:
         self.conf = Path(conf)
         self.overrides = dict(overrides or {})  # see render_config
+        self.extra = extra  # appended verbatim (e.g. a bridge section), see render_config
         if not self.conf.is_file():
             raise BrokerError(f"{self.conf}: broker config not found (run from a fedmqtt checkout or pass --broker)")
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedmqtt-broker-")
@@ -136,7 +142,8 @@ class LocalBroker:
         """Start the broker (on ``port``, or the previous one, or a free one)."""
         self.port = port or self.port or free_port()
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(render_config(self.conf.read_text(), self.port, self.workdir, self.overrides))
+        conf.write_text(render_config(self.conf.read_text(), self.port, self.workdir, self.overrides,
+                                       self.extra))
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)],
             stdout=subprocess.DEVNULL,

@@ -165,7 +165,19 @@ def aggregator_main(argv: list[str]) -> int:
         notify(f"STOPPING=1\nSTATUS={where}: stopping{done}")
         loop.stop()
 
-    service = AggregatorService(cfg, loop, on_round=round_closed, on_finished=stop, on_ready=ready)
+    if cfg.role == "site":
+        # Local rounds below a cloud aggregator, through the site broker's bridge (deploy/scale.md).
+        from .site import SiteAggregator
+
+        service = SiteAggregator(cfg, loop, on_round=round_closed, on_finished=stop, on_ready=ready)
+        where = f"site {cfg.site.id} of {where}"
+    else:
+        if cfg.role == "cloud":
+            from .site import cloud_warnings
+
+            for warning in cloud_warnings(cfg):
+                log.warning("%s", warning)
+        service = AggregatorService(cfg, loop, on_round=round_closed, on_finished=stop, on_ready=ready)
     service.start()
     notify(f"STATUS={where}: connecting to the broker")
     start_watchdog(loop)  # WATCHDOG=1 from this loop's timers, when the unit has WatchdogSec=

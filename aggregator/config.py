@@ -22,7 +22,7 @@ from edge_agent.spec import MODEL_KINDS, ModelSpec, spec_problems
 from edge_agent.wire import valid_id
 
 from .argtypes import parse_listen
-from .strategies import STRATEGIES
+from .strategies import BUFFERING as ROBUST_NAMES, SERVER_OPTIMIZERS as SERVER_OPTIMIZER_NAMES, STRATEGIES
 
 
 @dataclass
@@ -508,11 +508,112 @@ class MetricsConfig:
         return []
 
 
+# Where a site aggregator's agents-facing broker holds the cloud federation's
+# topics (mapped there by the site broker's mosquitto bridge): cloud/fl/<fed>/...
+DEFAULT_UPSTREAM_PREFIX = "cloud"
+# Seconds a site's local round ends before the cloud's deadline: the mean still
+# has to cross the bridge (and wait out a short cloud outage in its queue).
+DEFAULT_UPLOAD_MARGIN_S = 5.0
+MAX_UPLOAD_MARGIN_S = 3600.0
+ROLES = ("flat", "site", "cloud")
+
+
+@dataclass
+class SiteConfig:
+    """The site role (``role = "site"``, deploy/scale.md "Site hierarchy", docs/PROTOCOL.md §9).
+
+    A site aggregator talks only to its own (site) broker; the broker's
+    mosquitto bridge carries the ``upstream_prefix`` topics to and from the
+    cloud broker, so there is no upstream broker address here.
+    """
+
+    id: str = field(default="", metadata={
+        "help": "this site's participant id at the cloud (an agent id, e.g. site-a; none of the site's agents "
+                "may use it); required with role = site"})
+    upstream_prefix: str = field(default=DEFAULT_UPSTREAM_PREFIX, metadata={
+        "help": "the site broker's bridge maps the cloud's fl/<federation>/... to <upstream_prefix>/fl/<federation>/..."})
+    upload_margin: float = field(default=DEFAULT_UPLOAD_MARGIN_S, metadata={
+        "help": "seconds a local round ends before the cloud round's deadline, for the upload through the bridge"})
+    # The site aggregator holds two connections to the site broker (its local
+    # service, and the site as an agent of the cloud). A broker with
+    # use_username_as_clientid (deploy/mosquitto/) gives one login one client
+    # id, so the two need two logins: the upstream one is this.
+    username: str = field(default="", metadata={
+        "help": "site broker login of the site's upstream connection (the bridged cloud topics; empty: [broker] "
+                "username); needed when the broker sets use_username_as_clientid"})
+    password_file: str = field(default="", metadata={
+        "help": "its password, read from this file (empty: [broker]'s password, with username empty too)"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.id and not valid_id(self.id):
+            out.append(("id", f"must match [A-Za-z0-9_-]{{1,64}} (it is an agent id at the cloud), got {self.id!r}"))
+        if not self.upstream_prefix or not all(valid_id(p) for p in self.upstream_prefix.split("/")):
+            out.append(("upstream_prefix", "must be one or more '/'-separated [A-Za-z0-9_-] segments, got "
+                                           f"{self.upstream_prefix!r}"))
+        if self.password_file and not self.username:
+            out.append(("password_file", "is the password of [site] username: set username too"))
+        if self.password_file and not Path(self.password_file).is_file():
+            out.append(("password_file", f"no such file: {self.password_file}"))
+        if not 0.0 <= self.upload_margin <= MAX_UPLOAD_MARGIN_S:
+            out.append(("upload_margin", f"must be in [0, {MAX_UPLOAD_MARGIN_S:g}] seconds, got {self.upload_margin}"))
+        return out
+
+
+def _hierarchy_problems(cfg: "AggregatorConfig") -> list[tuple[str, str]]:
+    """What a site or cloud role cannot do (deploy/scale.md "Site hierarchy" says why)."""
+    out: list[tuple[str, str]] = []
+    if cfg.role not in ROLES:
+        return [("role", f"must be one of {', '.join(ROLES)}, got {cfg.role!r}")]
+    if cfg.role == "flat":
+        return out
+    level = "a site" if cfg.role == "site" else "the cloud"
+    if cfg.privacy.enabled:
+        out.append(("privacy.mode", f"differential privacy is not available in a site hierarchy ({level}): at the "
+                    "cloud the sampled and clipped participants are sites, so the guarantee would be per site, not "
+                    "per device, and a site's own DP would not compose into a cloud-level guarantee this project "
+                    "can state; set mode = off (or run a flat federation)"))
+    if cfg.secagg.enabled:
+        why = ("the cloud's participants are sites: a site's mean is not a device's update, and masking it hides "
+               "nothing the site aggregator did not see" if cfg.role == "cloud" else
+               "a site would have to forward the weight carried inside the masked sum and fit the protocol's "
+               "stages into the cloud's deadline; not implemented")
+        out.append(("secagg.mode", f"secure aggregation is not available in a site hierarchy ({level}): {why}; "
+                    "set mode = off"))
+    if cfg.round.mode != "sync":
+        out.append(("round.mode", f"a site hierarchy runs synchronous rounds ({level}); set mode = \"sync\""))
+    if cfg.role == "site":
+        s = cfg.strategy.name
+        if s != "fedavg":
+            if s in SERVER_OPTIMIZER_NAMES:
+                why = "a server optimizer must run once, at the cloud; a site sends the plain weighted mean"
+            elif s in ROBUST_NAMES:
+                why = ("a robust rule needs every device's update, and a site sends one mean: it cannot be computed "
+                       "hierarchically (configure it at the cloud to make it robust against whole sites)")
+            elif s == "fedavg_unweighted":
+                why = "a site's unweighted mean, averaged again at the cloud, is not the unweighted mean over devices"
+            else:
+                why = "the cloud's prox_mu reaches the site's agents in every task; the site aggregates as fedavg"
+            out.append(("strategy.name", f"must be fedavg at a site, got {s!r}: {why}"))
+        if not cfg.site.id:
+            out.append(("site.id", "a site needs its participant id at the cloud (e.g. site-a)"))
+        if cfg.compression.enabled:
+            out.append(("compression.mode", "a site takes update compression from the cloud's task; leave it none"))
+    else:
+        if cfg.strategy.clip_norm:
+            out.append(("strategy.clip_norm", "at the cloud it would clip each site's mean, not device updates: "
+                        "set clip_norm in the sites' configs (it clips each device's delta there, as flat would)"))
+    return out
+
+
 @dataclass
 class AggregatorConfig:
     """Everything the aggregator service needs."""
 
     federation: str = field(default="demo", metadata={"help": "federation id ([A-Za-z0-9_-]{1,64})"})
+    role: str = field(default="flat", metadata={
+        "help": "flat (one aggregator) | site (a site aggregator below a cloud, see [site]) | cloud (its "
+                "participants are sites): deploy/scale.md \"Site hierarchy\""})
     rounds: int = field(default=20, metadata={"help": "rounds to run (0: run until stopped)"})
     state_dir: str = field(default="fedmqtt-state", metadata={"help": "checkpoint directory"})
     test_data: str = field(default="", metadata={"help": "optional central test set (.npz or .csv)"})
@@ -532,6 +633,7 @@ class AggregatorConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -588,6 +690,7 @@ class AggregatorConfig:
             if sa.threshold >= 1 and self.round.min_agents < sa.threshold + 1:
                 out.append(("round.min_agents", f"secure aggregation with threshold {sa.threshold:g} needs at least "
                             f"{int(sa.threshold) + 1} agents per round"))
+        out += _hierarchy_problems(self)
         labels = self.onnx.class_labels
         if labels:
             try:

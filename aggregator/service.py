@@ -76,6 +76,9 @@ TICK_INTERVAL_S = 0.25
 class AggregatorService:
     """Runs one federation's coordinator on a Loop."""
 
+    #: The coordinator's class: a site aggregator runs a subclass (aggregator/site.py).
+    coordinator_class: type[Coordinator] = Coordinator
+
     def __init__(
         self,
         config: AggregatorConfig,
@@ -105,7 +108,7 @@ class AggregatorService:
         records = self.journal.load()
         # A fresh state takes a run id from the wall clock: a federation reset
         # later gets a larger one, which is how agents tell it from a replay.
-        self.coordinator = Coordinator(config, make_strategy(config.strategy), evaluate, state, records,
+        self.coordinator = self.coordinator_class(config, make_strategy(config.strategy), evaluate, state, records,
                                        run=run_id(clock()))
         b = config.broker
         if config.secagg.enabled and config.secagg.signed_keys and b.cert_file and b.ca_file:
