@@ -25,6 +25,7 @@ bench: setup-dev
 	ulimit -v 16000000; timeout 900 $(PY) bench/bench_chunking.py
 	$(PY) bench/bench_flower.py
 	$(PY) bench/bench_scale.py --floor
+	timeout 900 $(PY) bench/bench_brokers.py
 
 setup-demo:
 	@scripts/setup.sh $(VENV) aggregator,demo

@@ -28,6 +28,11 @@ is not detected. The topic matches the aggregator's own subscription
 valid agent id: every fedmqtt receiver ignores it without counting a
 rejection (PROTOCOL.md §1.2), and the payload is empty besides.
 
+With ``[broker] protocol = "3.1.1"`` the probe speaks 3.1.1 too. A 3.1.1
+PUBACK has no reason code (mosquitto acknowledges a publish its ACL denies,
+then drops it), so there an anonymous client that gets in and is not
+disconnected for publishing counts as open: the warning says so.
+
 It runs on its own thread, so start-up is never delayed, and gives up after
 :data:`PROBE_TIMEOUT_S`. ``[security] probe_open_broker = false`` skips it.
 """
@@ -71,8 +76,9 @@ class ProbeResult:
 def probe_anonymous_publish(broker: BrokerConfig, fed: str, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
     """Try an anonymous QoS 1 publish under ``fl/<fed>/update/`` (blocking, at most ~``timeout`` s)."""
     topic = probe_topic(fed)
+    mqtt5 = broker.mqtt5  # [broker] protocol: the probe speaks what the aggregator speaks
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"fedmqtt-probe-{secrets.token_hex(6)}",
-                    protocol=paho.MQTTv5, reconnect_on_failure=False)
+                    protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311, reconnect_on_failure=False)
     c.connect_timeout = timeout
     if broker.tls:
         # Never our client certificate: it could log the probe in as us (module docstring).
@@ -94,7 +100,11 @@ def probe_anonymous_publish(broker: BrokerConfig, fed: str, timeout: float = PRO
         return key in seen
 
     try:
-        c.connect(broker.host, broker.port, keepalive=max(5, min(60, int(timeout) + 5)), clean_start=True)
+        keepalive = max(5, min(60, int(timeout) + 5))
+        if mqtt5:
+            c.connect(broker.host, broker.port, keepalive=keepalive, clean_start=True)
+        else:
+            c.connect(broker.host, broker.port, keepalive=keepalive)  # clean session: the Client's default
         if not wait_for("connack"):
             if "disconnect" in seen and cert_wall:
                 return ProbeResult(False, no_cert)
@@ -110,6 +120,13 @@ def probe_anonymous_publish(broker: BrokerConfig, fed: str, timeout: float = PRO
                 return ProbeResult(False, f"disconnected after an anonymous publish to {topic} ({seen['disconnect']})")
             return ProbeResult(None, f"no PUBACK for an anonymous publish to {topic} within {timeout:g}s")
         rc = seen["puback"]
+        if not mqtt5:
+            # A 3.1.1 PUBACK has no reason code: brokers acknowledge a publish their ACL denies
+            # (mosquitto does) and drop it. What we know: an anonymous client got in and was not
+            # disconnected for publishing; an ACL may still drop it, so say "may".
+            return ProbeResult(True, f"MQTT 3.1.1: the broker admitted an anonymous client and acknowledged its "
+                                     f"publish to {topic} (a 3.1.1 PUBACK cannot say whether an ACL dropped it; "
+                                     "check that the broker refuses anonymous logins)")
         if rc.is_failure:
             return ProbeResult(False, f"anonymous publish to {topic} refused: {rc}")
         return ProbeResult(True, f"anonymous publish to {topic} accepted ({rc})")

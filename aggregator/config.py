@@ -646,6 +646,12 @@ class AggregatorConfig:
             out.append(("state_dir", "must not be empty"))
         if not 0 <= self.session_expiry <= 0xFFFFFFFF:
             out.append(("session_expiry", f"must be in 0..4294967295 seconds, got {self.session_expiry}"))
+        if self.security.signing_key and not self.broker.mqtt5:
+            # Signatures are MQTT 5 user properties (docs/PROTOCOL.md §1.4): on 3.1.1 the agents
+            # would get every model and task unsigned and drop them all.
+            out.append(("security.signing_key", "signatures travel as MQTT 5 user properties, which [broker] "
+                        "protocol = \"3.1.1\" cannot carry: use an MQTT 5 broker to sign models, or leave "
+                        "signing_key empty (docs/PROTOCOL.md §1.1)"))
         p = self.privacy
         if p.enabled and not (p.expected_per_round or self.round.agents_per_round):
             out.append(("privacy.expected_per_round", "DP needs the expected devices per round "

@@ -5,7 +5,8 @@ and ``latest.onnx`` into its state directory (atomically) and publishes the
 ONNX bytes, retained, on ``fl/<fed>/model/onnx``. The payload is the plain
 ONNX file, so any runtime (or ``mosquitto_sub``) can use it as it is; the
 round, version and SHA-256 travel beside it as MQTT v5 user properties and
-inside the model as ``metadata_props``.
+inside the model as ``metadata_props`` (with ``[broker] protocol = "3.1.1"``,
+which has no properties, only inside the model).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class OnnxPublisher:
         self._prune()
         sha = hashlib.sha256(data).hexdigest()
         log.info("round %d: ONNX model written (%d bytes, sha256 %s)", round_number, len(data), sha[:16])
+        # MQTT 3.1.1 ([broker] protocol) has no properties: the payload is the same file, whose
+        # metadata_props hold federation, round and version; a reader hashes the bytes itself.
+        mqtt5 = self.config.broker.mqtt5
         self.last = Publish(
             self.topic,
             data,
@@ -78,8 +82,8 @@ class OnnxPublisher:
                 ("round", str(round_number)),
                 ("version", version),
                 ("sha256", sha),
-            ),
-            content_type=CONTENT_TYPE,
+            ) if mqtt5 else (),
+            content_type=CONTENT_TYPE if mqtt5 else "",
         )
         return self.last
 

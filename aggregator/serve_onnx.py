@@ -89,6 +89,10 @@ class OnnxFollower:
     ) -> None:
         self.topics = Topics(federation)
         # With pinned keys only signed models are served (edge_agent.signing).
+        if trusted_keys and not broker.mqtt5:
+            # Signatures are MQTT 5 user properties: on 3.1.1 every model would be dropped unsigned.
+            raise ValueError("--trusted-key: signatures travel as MQTT 5 user properties, which [broker] protocol "
+                             "= \"3.1.1\" cannot carry (docs/PROTOCOL.md §1.1)")
         self.verifier = Verifier(trusted_keys) if trusted_keys else None
         self.loop = loop or Loop()
         self._model: LoadedModel | None = None

@@ -154,6 +154,13 @@ class AggregatorService:
             receive_maximum=RECEIVE_MAXIMUM,
             max_queued=MAX_QUEUED_PUBLISHES,
         )
+        if not config.broker.mqtt5:
+            # MQTT 3.1.1 (docs/PROTOCOL.md §1.1): neither session_expiry nor RECEIVE_MAXIMUM can be sent.
+            log.info("MQTT 3.1.1: persistent session (clean session off) kept until the broker drops it; "
+                     "session_expiry = %d is not sent; the broker's own in-flight window (mosquitto "
+                     "max_inflight_messages, NATS mqtt max_ack_pending) bounds the chunks held unacknowledged; "
+                     "packet limit [broker] max_packet_size = %d", config.session_expiry,
+                     config.broker.max_packet_size)
         self._started = False
         # Chunked updates being reassembled, per sender (docs/PROTOCOL.md §8): one
         # payload buffer each, bounded by the model's size, and the acks held back

@@ -94,4 +94,10 @@ class AgentConfig:
             out.append(("agent_id", f"must be set and match [A-Za-z0-9_-]{{1,64}}, got {self.agent_id!r}"))
         if not 0.0 <= self.holdout < 1.0:
             out.append(("holdout", f"must be in [0, 1), got {self.holdout}"))
+        if self.security.trusted_keys and not self.broker.mqtt5:
+            # Signatures are MQTT 5 user properties (docs/PROTOCOL.md §1.4): on 3.1.1 none arrives,
+            # so a device that pins keys would drop every model and task as unsigned.
+            out.append(("security.trusted_keys", "signatures travel as MQTT 5 user properties, which [broker] "
+                        "protocol = \"3.1.1\" cannot carry: use an MQTT 5 broker to verify models, or leave "
+                        "trusted_keys empty (docs/PROTOCOL.md §1.1)"))
         return out

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the file, the key and the problem."""
 
 
+# MQTT protocol versions a client may speak ([broker] protocol). "5" is the
+# default and what every feature is built on; "3.1.1" is for brokers that have
+# no MQTT 5, above all a NATS server cluster (2.9 refuses an MQTT 5 CONNECT).
+PROTOCOLS = ("5", "3.1.1")
+
+
 @dataclass
 class BrokerConfig:
     """Where the MQTT broker is and how to log in."""
@@ -43,6 +49,12 @@ class BrokerConfig:
     max_packet_size: int = field(default=0, metadata={
         "help": "largest MQTT packet to send, in bytes (0: what the broker announces); larger models and updates "
                 "go in chunks"})
+    protocol: str = field(default="5", metadata={
+        "help": "MQTT protocol version: 5, or 3.1.1 for brokers without MQTT 5 (a NATS server): no signatures, no "
+                "session expiry, no announced packet limit (set max_packet_size); docs/PROTOCOL.md §1.1"})
+    failover: list[str] = field(default_factory=list, metadata={
+        "help": "more HOST:PORT addresses of the same broker cluster, tried in turn (after host:port) when the "
+                "current one is unreachable or drops the connection"})
 
     def secret(self) -> str:
         """The password: from password_file when set, else the password key."""
@@ -69,7 +81,24 @@ class BrokerConfig:
             out.append(("max_packet_size", f"must be 0 (the broker's) or at least 65536 bytes, got {self.max_packet_size}"))
         if not 5 <= self.keepalive <= 3600:
             out.append(("keepalive", f"must be in 5..3600 seconds, got {self.keepalive}"))
+        if self.protocol not in PROTOCOLS:
+            out.append(("protocol", f"must be one of {', '.join(repr(p) for p in PROTOCOLS)} (a string), "
+                                    f"got {self.protocol!r}"))
+        for i, text in enumerate(self.failover):
+            try:
+                parse_hostport(text)
+            except ConfigError:
+                out.append((f"failover[{i}]", f"expected HOST:PORT, got {text!r}"))
         return out
+
+    @property
+    def mqtt5(self) -> bool:
+        """Whether clients speak MQTT 5 (else 3.1.1: no properties, clean session instead of session expiry)."""
+        return self.protocol == "5"
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of the broker and then of its ``failover`` nodes, in the order they are tried."""
+        return [(self.host, self.port), *(parse_hostport(t) for t in self.failover)]
 
 
 def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, type, dataclasses.Field]]:

@@ -51,6 +51,9 @@ RECONNECT_MAX_S = 30.0
 LOGIN_REFUSED = {133: "client identifier not valid", 134: "bad user name or password", 135: "not authorized",
                  138: "banned", 140: "bad authentication method"}
 SESSION_TAKEN_OVER = 142
+# CONNACK "unsupported protocol version": an MQTT 3.1.1-only broker (a NATS
+# server) answers an MQTT 5 CONNECT so (mapped by paho from 3.1.1's code 1).
+UNSUPPORTED_PROTOCOL = 132
 # mosquitto 2.0 does not send SESSION_TAKEN_OVER: it just closes the old
 # connection. A client whose connections end within seconds of being
 # accepted, several times in a row, is sharing its client id with another
@@ -66,6 +69,10 @@ TAKEOVER_BACKOFF_S = 60.0
 # Bytes a PUBLISH adds to topic and payload: fixed header (<= 5), topic length (2),
 # packet id (2), property length (<= 4); user properties are counted exactly.
 PUBLISH_OVERHEAD = 13
+# A refused subscription is asked for again after this long (a clustered broker
+# that lost a node needs seconds to place new consumers; NATS 2.9 times out a
+# JetStream request after 4 s, so a shorter retry would only pile them up).
+SUBSCRIBE_RETRY_S = 5.0
 # loop_misc handles keepalive pings and timeouts; once a second is plenty.
 MISC_INTERVAL_S = 1.0
 # Queued callbacks run per loop pass, so long work (training) never starves
@@ -312,7 +319,14 @@ def _guard(fn: Callable[[], None], what: str) -> None:
 
 
 class Connection:
-    """One paho MQTT v5 client driven by a :class:`Loop`."""
+    """One paho MQTT client (v5, or 3.1.1 with ``[broker] protocol = "3.1.1"``) driven by a :class:`Loop`.
+
+    In 3.1.1 mode ``clean_start`` becomes the CONNECT's clean session flag,
+    ``session_expiry_s`` and ``receive_maximum`` are not sent (3.1.1 has no
+    CONNECT properties: a persistent session lasts until the broker drops
+    it), publishes go without properties, and ``max_packet_size`` stays 0
+    (nothing is announced; ``[broker] max_packet_size`` is the limit).
+    """
 
     def __init__(
         self,
@@ -357,7 +371,20 @@ class Connection:
         # the chunks of a payload are acknowledged only once the whole payload is durable.
         self._current: tuple[int, int] | None = None
         self._held_current = False
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack)
+        self._pending_subs: dict[int, list[str]] = {}  # SUBSCRIBE mid -> topics, until its SUBACK
+        # [broker] protocol: MQTT 5, or 3.1.1 for a broker without it (docs/PROTOCOL.md §1.1). In 3.1.1
+        # clean start + session expiry become clean_session: a persistent session (clean_start
+        # False) then has no expiry but the broker's own limits, and CONNECT carries no properties.
+        self.mqtt5 = broker.mqtt5
+        self._addresses = broker.addresses()
+        self._address = 0  # index into _addresses of the node we connect to
+        self._stripped_warned = False
+        if self.mqtt5:
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                            manual_ack=manual_ack)
+        else:
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                            clean_session=clean_start, manual_ack=manual_ack)
         c.max_queued_messages_set(max_queued)
         c.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG (-vv)
         if broker.username:
@@ -376,12 +403,13 @@ class Connection:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
         c.on_socket_unregister_write = self._on_unregister_write
         props = None
-        if session_expiry_s or receive_maximum:
+        if self.mqtt5 and (session_expiry_s or receive_maximum):
             props = Properties(PacketTypes.CONNECT)
             if session_expiry_s:
                 props.SessionExpiryInterval = session_expiry_s
@@ -389,7 +417,8 @@ class Connection:
                 # Without it mosquitto sends a v5 client at most max_inflight_messages (20)
                 # unacknowledged QoS 1 messages: a receiver that holds acks (chunks) needs more.
                 props.ReceiveMaximum = receive_maximum
-        c.connect_async(broker.host, broker.port, broker.keepalive, clean_start=clean_start, properties=props)
+        self._connect_kwargs = {"clean_start": clean_start, "properties": props} if self.mqtt5 else {}
+        c.connect_async(broker.host, broker.port, broker.keepalive, **self._connect_kwargs)
         self.client = c
         loop.connections.append(self)
 
@@ -421,7 +450,16 @@ class Connection:
             self._notify("on_too_large", msg, size)
             return None
         props = None
-        if msg.user_properties or msg.content_type:
+        if (msg.user_properties or msg.content_type) and not self.mqtt5:
+            # MQTT 3.1.1 has no properties. Signatures are refused at config time
+            # ([security] with protocol 3.1.1); what remains is metadata a reader can do
+            # without (model/onnx carries it inside the model too, docs/PROTOCOL.md §3.6).
+            if not self._stripped_warned:
+                self._stripped_warned = True
+                log.info("%s: MQTT 3.1.1: publishing %s without its MQTT 5 properties (%s)", self.client_id,
+                         msg.topic, ", ".join([k for k, _ in msg.user_properties] +
+                                              (["content type"] if msg.content_type else [])))
+        elif msg.user_properties or msg.content_type:
             props = Properties(PacketTypes.PUBLISH)
             if msg.user_properties:
                 props.UserProperty = list(msg.user_properties)
@@ -440,16 +478,45 @@ class Connection:
         """Subscribe at QoS 1 now (from the loop thread); while disconnected nothing is sent,
         so the handler's ``subscriptions()`` must name these topics for the next connection."""
         if topics and self.connected:
-            self.client.subscribe([(t, 1) for t in topics])
+            self._subscribe(list(topics))
+
+    def _subscribe(self, topics: list[str]) -> None:
+        """SUBSCRIBE at QoS 1, remembering the topics until the SUBACK says how each went."""
+        rc, mid = self.client.subscribe([(t, 1) for t in topics])
+        if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+            self._pending_subs[mid] = topics
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        try:
+            topics = self._pending_subs.pop(mid, [])
+            refused = [(t, rc) for t, rc in zip(topics, reason_codes) if getattr(rc, "is_failure", False)]
+            if not refused:
+                return
+            failed = [t for t, _ in refused]
+            # A broker may refuse a subscription for a while (a NATS cluster with a node down
+            # answers 0x80 when it cannot create the JetStream consumer): without it we would
+            # wait forever for messages that never come, so ask again.
+            log.warning("%s: the broker refused the subscription to %s (%s); asking again in %.0f s",
+                        self.client_id, ", ".join(failed), refused[0][1], SUBSCRIBE_RETRY_S)
+            connected_at = self._connected_at
+
+            def again() -> None:
+                if self.connected and self._connected_at == connected_at and not self._closing:
+                    self._subscribe(failed)
+
+            self.loop.call_later(SUBSCRIBE_RETRY_S, again)
+        except Exception:
+            log.exception("%s: on_subscribe failed", self.client_id)
 
     def unsubscribe(self, topics: list[str]) -> None:
         """Unsubscribe now (from the loop thread); nothing to do while disconnected."""
         if topics and self.connected:
             self.client.unsubscribe(list(topics))
 
-    @staticmethod
-    def packet_size(msg: Publish) -> int:
+    def packet_size(self, msg: Publish) -> int:
         """Bytes of the PUBLISH packet that carries ``msg`` (an upper bound)."""
+        if not self.mqtt5:
+            return PUBLISH_OVERHEAD + len(msg.topic.encode()) + len(msg.payload)  # 3.1.1: no properties sent
         props = sum(5 + len(k.encode()) + len(v.encode()) for k, v in msg.user_properties)
         if msg.content_type:
             props += 3 + len(msg.content_type.encode())
@@ -478,6 +545,17 @@ class Connection:
         self._inflight = [i for i in self._inflight if not i.is_published()]
         return len(self._inflight)
 
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT and stop reconnecting, as a crashed device would
+        (from the loop thread): the broker publishes our last will. For tests and drills."""
+        self._closing = True
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # paho notices on its next read: the connection is lost
+            except OSError:
+                pass
+
     def finish_close(self) -> None:
         """Send DISCONNECT."""
         self._closing = True
@@ -489,6 +567,7 @@ class Connection:
     def _try_connect(self) -> None:
         if self._closing:
             return
+        host, port = self.address
         try:
             self.client.reconnect()
         except ssl.SSLCertVerificationError as exc:
@@ -498,7 +577,7 @@ class Connection:
             # fixes the certificate.
             if exc.verify_code in X509_NAME_MISMATCH:
                 log.error("%s: the broker's TLS certificate is not valid for host name %r (%s); connect with a "
-                          "name the certificate carries ([broker] host)", self.client_id, self.broker.host,
+                          "name the certificate carries ([broker] host)", self.client_id, host,
                           exc.verify_message or exc)
             else:
                 log.error("%s: the broker's TLS certificate is not trusted (%s); check [broker] ca_file = %r",
@@ -507,29 +586,47 @@ class Connection:
         except ssl.SSLError as exc:
             # e.g. WRONG_VERSION_NUMBER: TLS spoken to a port that does not.
             log.error("%s: TLS handshake with %s:%s failed (%s); if this port does not use TLS, set [broker] tls = "
-                      "false or use the broker's TLS port", self.client_id, self.broker.host, self.broker.port,
+                      "false or use the broker's TLS port", self.client_id, host, port,
                       exc.reason or exc)
             self._schedule_reconnect()
         except ConnectionResetError as exc:
             if self.broker.tls:
                 # A plain MQTT listener resets a TLS ClientHello it cannot parse.
                 log.error("%s: %s:%s reset the TLS handshake (%s); if this port does not use TLS, set [broker] tls "
-                          "= false or use the broker's TLS port", self.client_id, self.broker.host, self.broker.port,
+                          "= false or use the broker's TLS port", self.client_id, host, port,
                           exc)
             else:
                 log.info("%s: cannot reach broker %s:%s (%s); retry in %.1fs",
-                         self.client_id, self.broker.host, self.broker.port, exc, self._backoff)
+                         self.client_id, host, port, exc, self._backoff)
             self._schedule_reconnect()
         except (OSError, paho.WebsocketConnectionError) as exc:
             log.info("%s: cannot reach broker %s:%s (%s); retry in %.1fs",
-                     self.client_id, self.broker.host, self.broker.port, exc, self._backoff)
+                     self.client_id, host, port, exc, self._backoff)
             self._schedule_reconnect()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the broker node this connection uses or tries next."""
+        return self._addresses[self._address]
 
     def _schedule_reconnect(self) -> None:
         if self._closing:
             return
+        # With [broker] failover, each retry goes to the next node of the cluster: the node
+        # we lost may be down for good. The backoff grows once per round of the list, so
+        # a live node is reached within one backoff of the loss.
+        wrapped = True
+        if len(self._addresses) > 1:
+            self._address = (self._address + 1) % len(self._addresses)
+            wrapped = self._address == 0
+            host, port = self.address
+            # connect_async only records where to connect (and closes a socket already lost);
+            # the queued and in-flight messages stay for the next connection.
+            self.client.connect_async(host, port, self.broker.keepalive, **self._connect_kwargs)
+            log.info("%s: next attempt to %s:%s", self.client_id, *self.address)
         self.loop.call_later(self._backoff, self._try_connect)
-        self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
+        if wrapped:
+            self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
@@ -541,6 +638,12 @@ class Connection:
                     self._fail(f"the broker refused {who} ({LOGIN_REFUSED[code]}): check [broker] username and "
                                f"password/password_file (or the client certificate, cert_file/key_file)")
                     return
+                if code == UNSUPPORTED_PROTOCOL:
+                    other = "3.1.1" if self.mqtt5 else "5"
+                    self._fail(f"the broker at {self.address[0]}:{self.address[1]} does not speak MQTT "
+                               f"{self.broker.protocol} (it answered 'unsupported protocol version'): set [broker] "
+                               f"protocol = \"{other}\" (a NATS server speaks only 3.1.1; docs/PROTOCOL.md §1.1)")
+                    return
                 log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
                 return  # paho closes the socket; _on_disconnect schedules the retry
             self.connected = True
@@ -550,7 +653,8 @@ class Connection:
             self.max_packet_size = int(getattr(properties, "MaximumPacketSize", 0) or 0)
             subs = self.handler.subscriptions()
             if subs:
-                client.subscribe([(t, 1) for t in subs])
+                self._pending_subs.clear()  # SUBACKs of an earlier connection never come
+                self._subscribe(subs)
             self.handler.on_connected(self)
         except Exception:
             log.exception("%s: on_connect handler failed", self.client_id)
@@ -586,7 +690,7 @@ class Connection:
                 log.warning("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
             elif not answered and not self.broker.tls:
                 log.warning("%s: %s:%s closed the connection before answering; if that port needs TLS, set "
-                            "[broker] tls = true (and ca_file)", self.client_id, self.broker.host, self.broker.port)
+                            "[broker] tls = true (and ca_file)", self.client_id, *self.address)
             self._schedule_reconnect()
         except Exception:
             log.exception("%s: on_disconnect failed", self.client_id)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Set up everything `make demo` / `make test` need on a fresh Debian machine:
 # a virtualenv with fedmqtt and the requested extras, and mosquitto (and, for
-# the dev extras, Debian's chromium and chromedriver if apt-get can install them).
+# the dev extras, Debian's chromium, chromedriver and nats-server if apt-get can install them).
 #   scripts/setup.sh VENV EXTRAS      e.g. scripts/setup.sh .venv aggregator,demo,dev
 # Idempotent: an existing venv is reused, pip only runs when pyproject.toml
 # changed (a stamp file records what was installed), apt-get only runs when
-# mosquitto is missing (or, with the dev extras, chromium/chromedriver).
+# mosquitto is missing (or, with the dev extras, chromium/chromedriver/nats-server).
 set -euo pipefail
 
 venv=${1:-.venv}
@@ -78,6 +78,24 @@ fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     apt_install mosquitto
 fi
+
+# Debian's nats-server (2.9), for the NATS cluster test of the broker tier
+# (tests/test_nats_cluster.py, dev extras). Optional: if apt-get cannot
+# install it, warn and go on (the test then skips, saying why). Debian puts it
+# in /usr/sbin.
+case ",$extras," in
+    *,dev,*)
+        if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+            nats_log="$venv/nats-server-install.log"
+            echo "setup: installing nats-server with apt-get"
+            if ! { command -v apt-get && as_root apt-get update -qq \
+                   && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; } \
+                   >"$nats_log" 2>&1; then
+                echo "setup: warning: cannot install nats-server with apt-get (see $nats_log); the NATS cluster test will be skipped" >&2
+            fi
+        fi
+        ;;
+esac
 
 # Debian's chromium and chromedriver, for the dashboard's browser test (dev
 # extras). Optional: if apt-get cannot install them, warn and go on (the test
