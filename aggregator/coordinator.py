@@ -215,6 +215,12 @@ class Coordinator:
         self.topics = Topics(config.federation)
         self.async_mode = config.round.mode == "async"
         self.agents: dict[str, AgentInfo] = {}
+        # The agents that are online and eligible, kept with every status: an
+        # opening needs them sorted, but counting them on each of N statuses
+        # while a fleet comes online would cost O(N^2).
+        self._usable_ids: set[str] = set()
+        # Largest update payload decoded: one packet, or a chunked update of this model's size.
+        self._max_update_bytes = max(wire.MAX_PAYLOAD_BYTES, chunking.payload_bound(self.spec.num_params()))
         self.open: _OpenRound | None = None
         # Async: agent@base keys of updates already applied in earlier
         # versions, so a redelivered copy is not counted twice.
@@ -360,6 +366,10 @@ class Coordinator:
             round=msg.round,
         )
         self.agents[msg.agent] = info
+        if self._usable(info):
+            self._usable_ids.add(msg.agent)
+        else:
+            self._usable_ids.discard(msg.agent)
         if before is None or (before.online, before.eligible) != (info.online, info.eligible):
             log.info("agent %s is %s%s", msg.agent, "online" if info.online else "offline",
                      "" if info.eligible or not info.online else f", not eligible ({info.reason or 'no reason given'})")
@@ -395,7 +405,7 @@ class Coordinator:
         try:
             # A chunked update (docs/PROTOCOL.md §8) may exceed the one-packet limit, up to one model's size.
             msg = wire.decode(payload, expect="update", fed=self.config.federation, spec=self.spec,
-                              max_bytes=max(wire.MAX_PAYLOAD_BYTES, chunking.payload_bound(self.spec.num_params())))
+                              max_bytes=self._max_update_bytes)
         except wire.WireError as exc:
             return self._reject(exc.reason, f"update from {agent}: {exc.detail}")
         assert isinstance(msg, wire.UpdateMsg)
@@ -555,10 +565,10 @@ class Coordinator:
     def _maybe_open(self, now: float) -> list[Action]:
         if self.open is not None or self.finished:
             return []
-        candidates = sorted(a for a, info in self.agents.items() if self._usable(info))
         rc = self.config.round
-        if len(candidates) < rc.min_agents:
+        if len(self._usable_ids) < rc.min_agents:
             return []
+        candidates = sorted(self._usable_ids)
         q = 1.0
         if self.async_mode:
             # Each agent trains once per version: a buffer larger than the

@@ -467,6 +467,9 @@ def main() -> None:
     p.add_argument("--onnx-every", type=int, default=1,
                    help="fedmqtt's [onnx] every (default 1, the shipped default; 0: no ONNX export, which Flower "
                         "does not make either)")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OPENBLAS/MKL/OMP_NUM_THREADS of every process on both sides (default 1, what `fedmqtt sim` "
+                        "gives its workers; 0: the library default on both sides)")
     p.add_argument("--quick", action="store_true", help="N = 10 only, 1 repetition, 5 rounds (a smoke run)")
     p.add_argument("--profile", action="store_true",
                    help="then one py-spy-profiled run per side at the largest N (not in the table)")
@@ -475,6 +478,12 @@ def main() -> None:
     p.add_argument("--venv", default=str(BENCH_VENV), help="the Flower virtualenv (created if missing)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, shards, profiles)")
     a = p.parse_args()
+    if a.blas_threads > 0:
+        # The same on both sides (inherited by every process started from here), so that
+        # the comparison is of the frameworks, not of how many BLAS threads each lets
+        # numpy start for the same tiny matrices.
+        for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ[k] = str(a.blas_threads)
     if a.quick:
         a.agents, a.repeat, a.rounds = [10], 1, 5
     if a.rounds < 3:
@@ -487,6 +496,8 @@ def main() -> None:
 
     print(f"fedmqtt code measured: {Path(aggregator.__file__).parents[1]} (set PYTHONPATH to measure another copy)")
     print(f"Flower: flwr {FLWR_VERSION} in {a.venv} (legacy start_server / start_client, gRPC bidi)")
+    print(f"BLAS threads per process, both sides: {a.blas_threads or 'library default'}; fedmqtt [onnx] every = "
+          f"{a.onnx_every}")
     work = Path(tempfile.mkdtemp(prefix="fedmqtt-bench-flower-"))
     t_all = time.perf_counter()
     runs: list[Run] = []

@@ -350,7 +350,10 @@ class Connection:
         self._backoff = RECONNECT_MIN_S
         self._session_expiry_s = session_expiry_s
         self.will = will
-        self._inflight: list[paho.MQTTMessageInfo] = []
+        # QoS 1 publishes not yet acknowledged, by message id: dropped on their
+        # PUBACK (on_publish), so a burst of N publishes (one notice per selected
+        # agent) costs O(N), not a rescan of everything in flight per publish.
+        self._inflight: dict[int, paho.MQTTMessageInfo] = {}
         # Set when retrying cannot help (refused login, client id taken over):
         # one line saying what to fix. The connection then stops reconnecting.
         self.fatal: str | None = None
@@ -467,8 +470,7 @@ class Connection:
                 props.ContentType = msg.content_type
         info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props)
         if msg.qos > 0 and info.rc == paho.MQTT_ERR_SUCCESS:
-            self._inflight = [i for i in self._inflight if not i.is_published()]
-            self._inflight.append(info)
+            self._inflight[info.mid] = info
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s refused: %s", self.client_id, msg.topic, paho.error_string(info.rc))
             return None
@@ -542,7 +544,7 @@ class Connection:
         """QoS 1 publishes the broker has not acknowledged yet (0 when disconnected)."""
         if not self.connected:
             return 0
-        self._inflight = [i for i in self._inflight if not i.is_published()]
+        self._inflight = {m: i for m, i in self._inflight.items() if not i.is_published()}
         return len(self._inflight)
 
     def abort(self) -> None:
@@ -764,6 +766,7 @@ class Connection:
                 self._unacked.append(key)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._inflight.pop(mid, None)
         try:
             self._notify("on_published", mid)
         except Exception:

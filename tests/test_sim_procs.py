@@ -108,11 +108,11 @@ def test_procs_2_computes_the_model_of_procs_1_bit_for_bit(fed, broker, broker_c
 class SimProcess:
     """`fedmqtt sim --procs K` as a subprocess, with its stderr read line by line."""
 
-    def __init__(self, broker, fed: str, agents: int, procs: int) -> None:
+    def __init__(self, broker, fed: str, agents: int, procs: int, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [FEDMQTT, "sim", "--agents", str(agents), "--procs", str(procs), "--broker", broker.address,
              "--federation", fed, "--partition", "iid"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
             start_new_session=True,  # its own process group, as a shell job: Ctrl-C is killpg(SIGINT)
         )
         self.lines: queue.Queue = queue.Queue()
@@ -245,3 +245,21 @@ def test_data_that_cannot_be_built_fails_the_run_with_the_reason_before_any_work
     assert proc.returncode == 2, proc.stderr
     assert "fedmqtt sim: error: no Dirichlet" in proc.stderr and "started" not in proc.stderr
     assert "Dirichlet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.broker
+def test_workers_run_numpy_with_one_blas_thread_unless_the_user_chose(fed, broker):
+    """Many small trainings per worker: BLAS threads would only fight the other workers for the cores."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["OMP_NUM_THREADS"] = "3"  # the user's own setting is kept
+    sim = SimProcess(broker, fed, agents=4, procs=2, env=env)
+    pids: dict[int, int] = {}
+    try:
+        pids = sim.wait_for_workers(2)
+        for pid in pids.values():
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                seen = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+            assert (seen.get(b"OPENBLAS_NUM_THREADS"), seen.get(b"MKL_NUM_THREADS"), seen.get(b"OMP_NUM_THREADS")) \
+                == (b"1", b"1", b"3")
+    finally:
+        sim.kill_all(pids.values())
