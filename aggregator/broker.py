@@ -55,6 +55,14 @@ def find_mosquitto() -> str:
 _RENDERED = ("persistence_location", "log_dest", "pid_file", "user")
 
 
+def file_tail(path: Path, chars: int = 2000) -> str:
+    """The last ``chars`` characters of a broker's log file ("" when it cannot be read), for error messages."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
@@ -183,10 +191,7 @@ class LocalBroker:
             self.proc.wait()
 
     def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text()[-2000:]
-        except OSError:
-            return ""
+        return file_tail(self.log_path)
 
     def close(self) -> None:
         self.stop()

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from edge_agent.config import BrokerConfig
 
-from .broker import BrokerError, free_port
+from .broker import BrokerError, file_tail, free_port
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,7 @@ class NatsCluster:
                 node.proc.wait()
 
     def log_tail(self, node: NatsNode, chars: int = 2000) -> str:
-        try:
-            return node.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return file_tail(node.log_path, chars)
 
     def close(self) -> None:
         self.stop()
