@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "mosquitto.conf"
-# Debian installs mosquitto in /usr/sbin, which is not on a normal user's PATH.
+# Debian installs mosquitto and nats-server in /usr/sbin, which is not on a normal user's PATH.
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin")
 # How long a starting broker may take to accept connections. It takes
 # milliseconds; seconds only on a badly overloaded machine.
@@ -36,15 +36,23 @@ class BrokerError(RuntimeError):
     """The local broker could not be started; the message says why and what to do."""
 
 
-def find_mosquitto() -> str:
-    """Path of the mosquitto binary, or a BrokerError that says how to install it."""
-    path = shutil.which("mosquitto")
+def find_binary(name: str) -> str | None:
+    """Path of an executable on PATH or in SEARCH_DIRS (sbin, often not on a user's PATH), or None."""
+    path = shutil.which(name)
     if path:
         return path
     for d in SEARCH_DIRS:
-        candidate = Path(d) / "mosquitto"
+        candidate = Path(d) / name
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
+    return None
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary, or a BrokerError that says how to install it."""
+    path = find_binary("mosquitto")
+    if path:
+        return path
     raise BrokerError(
         "mosquitto is not installed. `make demo` / `make test` install it with apt-get; "
         "by hand: apt-get install mosquitto (or pass --broker HOST:PORT to use another broker)"

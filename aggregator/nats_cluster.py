@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,12 +38,10 @@ from pathlib import Path
 
 from edge_agent.config import BrokerConfig
 
-from .broker import BrokerError, file_tail, free_port
+from .broker import BrokerError, file_tail, find_binary, free_port
 
 log = logging.getLogger(__name__)
 
-# Debian installs nats-server in /usr/sbin, which is not on a normal user's PATH.
-SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin")
 # Starting 3 nodes, forming routes and electing a JetStream meta leader takes
 # 1-3 s on loopback; the bound covers a loaded 2-core machine.
 START_TIMEOUT_S = 30.0
@@ -65,14 +61,7 @@ CLUSTER_NAME = "fedmqtt"
 
 def find_nats_server() -> str | None:
     """Path of the nats-server binary, or None."""
-    path = shutil.which("nats-server")
-    if path:
-        return path
-    for d in SEARCH_DIRS:
-        candidate = Path(d) / "nats-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
+    return find_binary("nats-server")
 
 
 @dataclass
