@@ -1,20 +1,21 @@
 """What fedmqtt may ask of the broker tier it is configured for (deploy/scale.md "Broker tier").
 
 One rule so far, for the shared-subscription ingest workers of DESIGN.md §7
-(not built yet): a ``$share/<group>/...`` subscription needs ``[broker]
-protocol = "5"``. The one MQTT 3.1.1-only broker of the tier, a NATS server
+(``[workers] count``, docs/PROTOCOL.md §10): a ``$share/<group>/...``
+subscription needs ``[broker] protocol = "5"``. The one MQTT 3.1.1-only broker of the tier, a NATS server
 cluster (2.9), grants a ``$share/`` subscription and then delivers nothing
 to it: workers would sit idle while updates pile up unread, with no error
 anywhere. mosquitto does deliver shared subscriptions to 3.1.1 clients, but
 an MQTT 3.1.1 client cannot tell which broker it talks to (a 3.1.1 CONNACK
 carries nothing), so the rule goes by the protocol: any broker worth
 running workers on (mosquitto, EMQX, HiveMQ, VerneMQ) speaks MQTT 5.
-Whoever starts workers calls :func:`check_shared_subscriptions` first.
+The config check (``aggregator.config``) refuses workers with it, naming
+``broker.protocol``.
 """
 
 from __future__ import annotations
 
-from edge_agent.config import BrokerConfig, ConfigError
+from edge_agent.config import BrokerConfig
 
 SHARE_PREFIX = "$share/"
 
@@ -26,10 +27,3 @@ def shared_subscription_problem(broker: BrokerConfig) -> str | None:
     return ("shared subscriptions ($share/...) need MQTT 5: with protocol = \"3.1.1\" the broker may be a NATS "
             "server, which grants a $share/ subscription and never delivers to it; run one aggregator without "
             "workers, or use an MQTT 5 broker (deploy/scale.md, \"Broker tier\")")
-
-
-def check_shared_subscriptions(broker: BrokerConfig) -> None:
-    """Raise :class:`ConfigError` naming ``broker.protocol`` when shared-subscription workers cannot work."""
-    problem = shared_subscription_problem(broker)
-    if problem is not None:
-        raise ConfigError(f"broker.protocol: {problem}")

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def main(command: str, argv: list[str]) -> int:
     """Run one aggregator-side subcommand; user errors become one line and exit code 2."""
     try:
-        commands = {"demo": demo_main, "aggregator": aggregator_main, "sim": sim_main,
+        commands = {"demo": demo_main, "aggregator": aggregator_main, "worker": worker_main, "sim": sim_main,
                     "export": export_main, "serve-onnx": serve_onnx_main, "status": status_main,
                     "dashboard": dashboard_main, "privacy": privacy_main, "provision": provision_main}
         return commands[command](argv)
@@ -179,18 +179,60 @@ def aggregator_main(argv: list[str]) -> int:
                 log.warning("%s", warning)
         service = AggregatorService(cfg, loop, on_round=round_closed, on_finished=stop, on_ready=ready)
     service.start()
+    if cfg.workers.count and cfg.workers.spawn:
+        # The ingest workers on this machine, with this command's config and flags (deploy/scale.md).
+        from .ingest_supervisor import WorkerSupervisor
+
+        WorkerSupervisor(loop, argv, cfg.workers.count).start()
     notify(f"STATUS={where}: connecting to the broker")
     start_watchdog(loop)  # WATCHDOG=1 from this loop's timers, when the unit has WatchdogSec=
     stop_on_signals(stop)
     log.info("aggregator for federation %s on %s:%d, state in %s",
              cfg.federation, cfg.broker.host, cfg.broker.port, cfg.state_dir)
     loop.run()
-    if service.fatal is not None:
-        # A refusal by the broker is configuration (2: systemd does not restart); a disk error may pass (1).
-        refused = service.fatal.startswith("broker: ")
-        sys.stderr.write(f"fedmqtt aggregator: {'config error' if refused else 'error'}: {service.fatal}\n")
-        return 2 if refused else 1
-    return 0
+    return _exit_status("aggregator", service.fatal)
+
+
+def _exit_status(command: str, fatal: str | None) -> int:
+    """A service's exit code: 0, or its fatal problem as one line (``broker: ...`` is a refusal)."""
+    if fatal is None:
+        return 0
+    # A refusal by the broker is configuration (2: systemd does not restart); a disk error may pass (1).
+    refused = fatal.startswith("broker: ")
+    sys.stderr.write(f"fedmqtt {command}: {'config error' if refused else 'error'}: {fatal}\n")
+    return 2 if refused else 1
+
+
+def worker_main(argv: list[str]) -> int:
+    """``fedmqtt worker --index I``: one ingest worker of ``[workers] count`` (same config as the aggregator)."""
+    from .ingest_worker import IngestWorker
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--index", type=int, default=None)
+    known, rest = pre.parse_known_args(argv)
+    cfg = config_from_args(AggregatorConfig, "fedmqtt worker", "Run one ingest worker (--index I, 0-based; the "
+                           "other options are the aggregator's).", "deploy/aggregator.toml", rest)
+    if known.index is None:
+        raise ConfigError("--index: which worker this is (0 .. [workers] count - 1) is required")
+    if not cfg.workers.count:
+        raise ConfigError("workers.count: is 0 in this config: the aggregator reads the updates itself")
+    if not 0 <= known.index < cfg.workers.count:
+        raise ConfigError(f"--index: must be in 0..{cfg.workers.count - 1} ([workers] count), got {known.index}")
+    loop = Loop()
+    where = f"ingest worker {known.index} of federation {cfg.federation} on {cfg.broker.host}:{cfg.broker.port}"
+    # systemd (Type=notify, deploy/systemd/fedmqtt-worker@.service): READY=1 once the broker accepted us.
+    worker = IngestWorker(cfg, known.index, loop, on_ready=lambda: notify(f"READY=1\nSTATUS={where}: connected"))
+    worker.start()
+    start_watchdog(loop)
+
+    def stop() -> None:
+        notify(f"STOPPING=1\nSTATUS={where}: stopping")
+        loop.stop()
+
+    stop_on_signals(stop)
+    log.info("%s, journal in %s", where, worker.journal_dir)
+    loop.run()
+    return _exit_status("worker", worker.fatal)
 
 
 def sim_main(argv: list[str]) -> int:

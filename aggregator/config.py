@@ -560,6 +560,98 @@ class SiteConfig:
         return out
 
 
+# Ingest workers (deploy/scale.md "Ingest workers", docs/PROTOCOL.md §10).
+DEFAULT_WORKER_GROUP = "fedmqtt-ingest"
+# How long the coordinator waits for a worker's partial once it asked for it
+# (a worker being restarted replays its journal within a second or two).
+DEFAULT_COLLECT_TIMEOUT_S = 5.0
+MAX_COLLECT_TIMEOUT_S = 600.0
+# How long the broker keeps a stopped worker's session: its share of the
+# updates queues there meanwhile and is delivered when it comes back; a worker
+# gone for longer loses its subscription, and the others take every update.
+DEFAULT_WORKER_SESSION_EXPIRY_S = 300
+
+
+@dataclass
+class WorkersConfig:
+    """Ingest workers: N processes split the update stream with an MQTT 5 shared subscription."""
+
+    count: int = field(default=0, metadata={
+        "help": "ingest worker processes that decode, check, journal and sum the updates (0: the aggregator "
+                "reads them itself); deploy/scale.md \"Ingest workers\""})
+    spawn: bool = field(default=True, metadata={
+        "help": "the aggregator starts the workers on this machine and restarts any that dies (false: run "
+                "`fedmqtt worker --index I` yourself, e.g. on other machines)"})
+    group: str = field(default=DEFAULT_WORKER_GROUP, metadata={
+        "help": "shared subscription group ($share/<group>/fl/<federation>/update/+)"})
+    collect_timeout: float = field(default=DEFAULT_COLLECT_TIMEOUT_S, metadata={
+        "help": "seconds the coordinator waits for a worker's partial sum when a round closes; after it the "
+                "worker's updates count as dropouts"})
+    session_expiry: int = field(default=DEFAULT_WORKER_SESSION_EXPIRY_S, metadata={
+        "help": "seconds the broker keeps a stopped worker's session and queues its share of the updates"})
+    state_dir: str = field(default="", metadata={
+        "help": "where the workers keep their journals, each in <this>/worker-<index> (empty: [state_dir])"})
+    # A broker with use_username_as_clientid gives one login one client id:
+    # workers sharing the aggregator's login would take over its session.
+    username: str = field(default="", metadata={
+        "help": "worker I logs in as <username>-I (empty: [broker] username); needed where the broker sets "
+                "use_username_as_clientid"})
+    password_file: str = field(default="", metadata={
+        "help": "the workers' password, read from this file (empty: [broker]'s password, with username empty too)"})
+
+    def problems(self) -> list[tuple[str, str]]:
+        from .ingest_wire import MAX_WORKERS
+
+        out = []
+        if not 0 <= self.count <= MAX_WORKERS:
+            out.append(("count", f"must be in 0..{MAX_WORKERS}, got {self.count}"))
+        if not valid_id(self.group):
+            out.append(("group", f"must match [A-Za-z0-9_-]{{1,64}}, got {self.group!r}"))
+        if not 0.1 <= self.collect_timeout <= MAX_COLLECT_TIMEOUT_S:
+            out.append(("collect_timeout", f"must be in [0.1, {MAX_COLLECT_TIMEOUT_S:g}] seconds, "
+                                           f"got {self.collect_timeout}"))
+        if not 0 <= self.session_expiry <= 0xFFFFFFFF:
+            out.append(("session_expiry", f"must be in 0..4294967295 seconds, got {self.session_expiry}"))
+        if self.username and not valid_id(self.username):
+            out.append(("username", f"must match [A-Za-z0-9_-]{{1,64}} (worker I logs in as <username>-I), "
+                                    f"got {self.username!r}"))
+        if self.password_file and not self.username:
+            out.append(("password_file", "is the password of [workers] username: set username too"))
+        if self.username and not self.password_file:
+            out.append(("username", "the workers' logins need their password: set [workers] password_file too"))
+        if self.password_file and not Path(self.password_file).is_file():
+            out.append(("password_file", f"no such file: {self.password_file}"))
+        return out
+
+
+def _workers_problems(cfg: "AggregatorConfig") -> list[tuple[str, str]]:
+    """What ingest workers cannot do (deploy/scale.md "Ingest workers" says why)."""
+    if not cfg.workers.count:
+        return []
+    from .broker_tier import shared_subscription_problem
+
+    out: list[tuple[str, str]] = []
+    problem = shared_subscription_problem(cfg.broker)
+    if problem:
+        out.append(("broker.protocol", problem))
+    why = "each worker sends one weighted mean of its share, so the rule must be a weighted mean (FedAvg, its "
+    if cfg.strategy.name in ROBUST_NAMES:
+        out.append(("strategy.name", f"{cfg.strategy.name!r} needs every update in one place; {why}server "
+                    "optimizers); run robust rules without workers"))
+    if cfg.privacy.enabled:
+        out.append(("privacy.mode", "differential privacy is not available with ingest workers (the accountant's "
+                    "per-round clip and noise run in one process); set [workers] count = 0"))
+    if cfg.secagg.enabled:
+        out.append(("secagg.mode", "secure aggregation needs the whole masked sum in one process; set [workers] "
+                    "count = 0"))
+    if cfg.round.mode != "sync":
+        out.append(("round.mode", "ingest workers serve synchronous rounds; set mode = \"sync\""))
+    if cfg.role == "site":
+        out.append(("role", "a site aggregator reads its own site's updates; ingest workers are for a flat or "
+                    "cloud aggregator"))
+    return out
+
+
 def _hierarchy_problems(cfg: "AggregatorConfig") -> list[tuple[str, str]]:
     """What a site or cloud role cannot do (deploy/scale.md "Site hierarchy" says why)."""
     out: list[tuple[str, str]] = []
@@ -634,6 +726,7 @@ class AggregatorConfig:
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -697,6 +790,7 @@ class AggregatorConfig:
                 out.append(("round.min_agents", f"secure aggregation with threshold {sa.threshold:g} needs at least "
                             f"{int(sa.threshold) + 1} agents per round"))
         out += _hierarchy_problems(self)
+        out += _workers_problems(self)
         labels = self.onnx.class_labels
         if labels:
             try:

@@ -52,6 +52,7 @@ from edge_agent.ratelog import RejectionLog
 from edge_agent.topics import Topics
 
 from .config import AggregatorConfig
+from .ratelimit import TokenBuckets
 from .strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,14 @@ def run_id(now: float) -> int:
     (replay protection), so a federation reset later gets a larger id.
     """
     return int(now * 1000)
+
+
+def norm_problem(delta: Mapping[str, np.ndarray], bound: float) -> str | None:
+    """Why ``delta`` breaks ``[security] max_update_norm`` = ``bound`` (0: no bound), or None."""
+    if not bound:
+        return None
+    norm = dp.l2_norm(delta)
+    return f"has norm {norm:.3g} > {bound:g}" if norm > bound else None
 
 
 @dataclass
@@ -225,8 +234,8 @@ class Coordinator:
         # Async: agent@base keys of updates already applied in earlier
         # versions, so a redelivered copy is not counted twice.
         self.async_applied: set[str] = set()
-        # Per-agent token buckets: agent -> (tokens, time of last refill).
-        self._buckets: dict[str, tuple[float, float]] = {}
+        # Per-agent token buckets ([security] rate_limit, rate_burst).
+        self._rate = TokenBuckets(config.security.rate_limit, config.security.rate_burst)
         self.rejected: Counter[str] = Counter()
         # Log lines of rejections are thinned per reason (the counter above stays
         # exact); its clock is the time of the last event, so no wall clock here.
@@ -385,16 +394,7 @@ class Coordinator:
         return self._maybe_open(now)
 
     def _within_rate(self, agent: str | None, now: float) -> bool:
-        sec = self.config.security
-        if not sec.rate_limit or agent is None:
-            return True
-        tokens, last = self._buckets.get(agent, (float(sec.rate_burst), now))
-        tokens = min(float(sec.rate_burst), tokens + max(0.0, now - last) * sec.rate_limit)
-        if tokens < 1.0:
-            self._buckets[agent] = (tokens, now)
-            return False
-        self._buckets[agent] = (tokens - 1.0, now)
-        return True
+        return self._rate.allow(agent, now)
 
     def _usable(self, info: AgentInfo) -> bool:
         return info.online and info.eligible
@@ -440,11 +440,9 @@ class Coordinator:
             return self._reject("duplicate", f"second update from {agent} in round {o.round}")
         if self.strategy.full():
             return self._reject("round_full", f"update from {agent}: round {o.round} holds as many as the rule keeps")
-        bound = self.config.security.max_update_norm
-        if bound:
-            norm = dp.l2_norm(msg.delta)
-            if norm > bound:
-                return self._reject("norm_too_large", f"update from {agent} has norm {norm:.3g} > {bound:g}")
+        too_large = norm_problem(msg.delta, self.config.security.max_update_norm)
+        if too_large:
+            return self._reject("norm_too_large", f"update from {agent} {too_large}")
         actions: list[Action] = []
         if not replay:
             actions.append(Journal({"type": "update", "round": o.round, "attempt": o.attempt, "agent": agent,

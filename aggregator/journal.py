@@ -43,10 +43,12 @@ MAX_RECORD_BYTES = MAX_TOTAL_BYTES + 1024 * 1024
 class JournalFile:
     """Append-only journal; records are durable once :meth:`sync` (or ``append(sync=True)``) returned."""
 
-    def __init__(self, state_dir: str | Path) -> None:
-        self.path = Path(state_dir) / JOURNAL_NAME
+    def __init__(self, state_dir: str | Path, name: str = JOURNAL_NAME) -> None:
+        self.path = Path(state_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = None
+        # Bytes in the file: where the next record starts (read() takes these offsets).
+        self.size = self.path.stat().st_size if self.path.exists() else 0
         # Bytes written to the OS since the last fsync (group commit: not yet durable).
         self.unsynced_bytes = 0
         self.unsynced_records = 0
@@ -58,6 +60,10 @@ class JournalFile:
 
     def load(self) -> list[dict[str, Any]]:
         """Every complete record, oldest first."""
+        return [rec for _, rec in self.load_with_offsets()]
+
+    def load_with_offsets(self) -> list[tuple[int, dict[str, Any]]]:
+        """Every complete record with the offset :meth:`read` takes, oldest first."""
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
@@ -73,7 +79,7 @@ class JournalFile:
                 break
             if "rng" in rec:
                 rec["rng"] = json.loads(rec["rng"])
-            records.append(rec)
+            records.append((pos, rec))
             pos += _LEN.size + n
         if pos != len(data):
             # Cut the torn tail off now: records appended after it would otherwise
@@ -83,7 +89,17 @@ class JournalFile:
                 fh.truncate(pos)
                 fh.flush()
                 os.fsync(fh.fileno())
+        self.size = pos
         return records
+
+    def read(self, offset: int) -> dict[str, Any]:
+        """The record that starts at byte ``offset`` (as :attr:`size` was before its append)."""
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            (n,) = _LEN.unpack(fh.read(_LEN.size))
+            if n > MAX_RECORD_BYTES:
+                raise ValueError(f"{self.path}: no record at offset {offset}")
+            return msgpack.unpackb(fh.read(n), raw=False)
 
     def append(self, record: dict[str, Any], sync: bool = True) -> int:
         """Write one record (to the OS, so a killed process loses none of it); returns its size in bytes.
@@ -111,6 +127,7 @@ class JournalFile:
             raise
         self.unsynced_bytes += frame
         self.unsynced_records += 1
+        self.size += frame
         if sync:
             self.sync()
         return frame
@@ -134,6 +151,7 @@ class JournalFile:
         """Start an empty journal (after a checkpoint made its content redundant)."""
         self._close_file()
         atomic_write(self.path, b"")
+        self.size = 0
         # Records written and not yet fsynced are covered by the checkpoint now.
         self.unsynced_bytes = self.unsynced_records = 0
 

@@ -1,7 +1,7 @@
 """``fedmqtt provision``: the keys, certificates, passwords and ACL of a secured federation.
 
-``fedmqtt provision init --dir DIR --fed FED --agents N`` writes into DIR
-(deploy/mosquitto/README.md says where each file goes):
+``fedmqtt provision init --dir DIR --fed FED --agents N [--workers W]`` writes
+into DIR (deploy/mosquitto/README.md says where each file goes):
 
 ========================  ==========================================================
 ``ca.key`` ``ca.crt``     the federation's certificate authority (EC P-256). The key
@@ -11,9 +11,17 @@
 ``acl``                   mosquitto ACL, one ``user`` block per login: the aggregator
                           may use ``fl/<fed>/#``; an agent only its own update/status
                           topics, its inbox and the federation's model, model/onnx,
-                          task, metrics, metrics/json and keys; an observer only reads
+                          task, metrics, metrics/json and keys; an observer only reads;
+                          ingest worker ``i`` reads the updates and its own
+                          ``ingest/<i>/control`` and writes its ``ingest/<i>/claim``,
+                          ``partial`` and ``status`` (docs/PROTOCOL.md §10.1)
 ``aggregator.*``          the aggregator's client certificate, key and MQTT password,
-                          and ``aggregator.toml`` (the config keys that use them)
+                          and ``aggregator.toml`` (the config keys that use them; with
+                          ``--workers W``, a ``[workers]`` section too)
+``ingest.password``       with ``--workers W``: the one MQTT password of the ingest
+                          worker logins ``ingest-0`` … ``ingest-<W-1>`` (a worker
+                          logs in as ``[workers] username``-I and presents the
+                          aggregator's certificate; deploy/scale.md "Ingest workers")
 ``signing.key/.pub``      the aggregator's Ed25519 model-signing key (PKCS#8 PEM) and
                           its raw public key as 64 hex digits (what agents pin)
 ``agent-<id>.*``          per agent: client certificate (CN = agent id), key, MQTT
@@ -60,6 +68,8 @@ from edge_agent.files import atomic_write
 from edge_agent.wire import valid_id
 
 AGGREGATOR_USER = "aggregator"
+# The ingest workers' user-name prefix ([workers] username): worker I logs in as ingest-I.
+WORKER_USER = "ingest"
 # The read-only login `init` creates unless told otherwise (--observer, --no-observer).
 OBSERVER_USER = "observer"
 DEFAULT_BROKER_HOSTS = ("localhost", "127.0.0.1")
@@ -122,6 +132,11 @@ class Files:
     def manifest(self) -> Path:
         return self.dir / MANIFEST
 
+    @property
+    def ingest_password(self) -> Path:
+        """The ingest workers' MQTT password (one for every ``ingest-<i>`` login)."""
+        return self.dir / f"{WORKER_USER}.password"
+
     def client(self, name: str, suffix: str, kind: str | None = None) -> Path:
         """A client's file (crt, key, password, toml): ``aggregator.<suffix>``, ``agent-<id>.<suffix>``
         or ``observer-<name>.<suffix>``.
@@ -136,6 +151,21 @@ class Files:
     def observer(self, name: str, suffix: str) -> Path:
         """An observer's file (crt, key, password, toml)."""
         return self.client(name, suffix, "observer")
+
+
+def worker_user(index: int) -> str:
+    """Ingest worker ``index``'s MQTT user name (``[workers] username = "ingest"`` makes it log in so)."""
+    return f"{WORKER_USER}-{index}"
+
+
+def worker_users(count: int) -> list[str]:
+    """The user names of ``count`` ingest workers: ``ingest-0`` … ``ingest-<count-1>``."""
+    return [worker_user(i) for i in range(count)]
+
+
+def _worker_range(count: int) -> str:
+    """``ingest-0``, or ``ingest-0 .. ingest-<count-1>``."""
+    return worker_user(0) if count == 1 else f"{worker_user(0)} .. {worker_user(count - 1)}"
 
 
 def _kind(name: str) -> str:
@@ -286,7 +316,7 @@ OBSERVER_READS = ("model", "model/onnx", "task", "metrics", "metrics/json", "key
 
 
 def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
-             observers: list[str] | tuple[str, ...] = ()) -> str:
+             observers: list[str] | tuple[str, ...] = (), workers: int = 0) -> str:
     """The mosquitto ACL of one federation: one ``user`` block per login, no ``pattern`` lines.
 
     mosquitto applies a ``topic`` line to the user named by the ``user`` line
@@ -295,6 +325,11 @@ def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
     each start about a pattern without ``%u``/``%c``. So the topics every
     agent reads are repeated in each agent's block, and adding a login
     rewrites this file.
+
+    ``workers``: one block per ingest worker ``ingest-<i>`` (docs/PROTOCOL.md
+    §10.1). mosquitto checks the worker's ``$share/<group>/fl/<fed>/update/+``
+    against the plain topic, so ``read fl/<fed>/update/+`` lets it receive its
+    share; nothing under ``fl/<fed>/ingest/`` is open to any device or observer.
     """
     p = f"fl/{federation}"
     out = [
@@ -306,11 +341,25 @@ def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
         "# metrics(/json), keys (so no agent learns who else is selected);",
         "# an observer may only read; the aggregator may use everything under",
         f"# {p}/. There are no pattern lines: they would apply to the observers too.",
+    ]
+    if workers:
+        out += ["# An ingest worker reads the updates (its share of them) and talks to the",
+                f"# coordinator only on its own {p}/ingest/<i>/ topics; no device may use those."]
+    out += [
         "",
         "# The aggregator",
         f"user {AGGREGATOR_USER}",
         f"topic readwrite {p}/#",
     ]
+    for i in range(workers):
+        q = f"{p}/ingest/{i}"
+        out += ["", f"# Ingest worker {i} ([workers] username = {_toml_str(WORKER_USER)}; docs/PROTOCOL.md §10.1)",
+                f"user {worker_user(i)}",
+                f"topic read {p}/update/+",
+                f"topic write {q}/claim",
+                f"topic write {q}/partial",
+                f"topic write {q}/status",
+                f"topic read {q}/control"]
     for o in observers:
         out += ["", f"# Observer {o}: read only (fedmqtt status, dashboards)", f"user {o}"]
         out += [f"topic read {p}/{t}" for t in OBSERVER_READS]
@@ -328,7 +377,7 @@ def acl_text(federation: str, agents: list[str] | tuple[str, ...] = (),
 
 
 def _write_acl(f: Files, m: dict) -> None:
-    _write(f.acl, acl_text(m["federation"], m["agents"], m.get("observers", [])), 0o644)
+    _write(f.acl, acl_text(m["federation"], m["agents"], m.get("observers", []), m.get("workers", 0)), 0o644)
 
 
 # -- files --------------------------------------------------------------------
@@ -385,11 +434,18 @@ def _agent_toml(m: dict, f: Files, agent: str) -> str:
 
 def _aggregator_toml(m: dict, f: Files) -> str:
     files = _installed(m, "aggregator_dir", f, AGGREGATOR_USER)
-    return (
+    workers = m.get("workers", 0)
+    out = (
         f"# fedmqtt aggregator of federation {m['federation']!r}, written by `fedmqtt provision`.\n"
-        "# Copy ca.crt, aggregator.crt, aggregator.key, aggregator.password and signing.key to\n"
-        f"# {m['aggregator_dir']} on the aggregator host (keys and password: mode 0600, owned by the\n"
+        "# Copy ca.crt, aggregator.crt, aggregator.key, aggregator.password"
+        + (", signing.key and ingest.password" if workers else " and signing.key") + " to\n"
+        f"# {m['aggregator_dir']} on the aggregator host (keys and passwords: mode 0600, owned by the\n"
         "# user that runs `fedmqtt aggregator`), then merge these keys into its aggregator.toml.\n"
+    )
+    if workers:
+        out += ("# A worker on another machine needs ca.crt, aggregator.crt, aggregator.key and\n"
+                "# ingest.password there (it presents the aggregator's certificate and logs in as ingest-I).\n")
+    out += (
         "\n"
         f"federation = {_toml_str(m['federation'])}\n"
         "\n"
@@ -398,6 +454,16 @@ def _aggregator_toml(m: dict, f: Files) -> str:
         "\n"
         + _broker_section(m, AGGREGATOR_USER, files)
     )
+    if workers:
+        pw = Path(m.get("aggregator_dir") or f.dir) / f.ingest_password.name
+        out += (
+            "\n"
+            "[workers]\n"
+            f"count = {workers}   # logins and ACL blocks exist for {_worker_range(workers)} only\n"
+            f"username = {_toml_str(WORKER_USER)}   # worker I logs in as {WORKER_USER}-I\n"
+            f"password_file = {_toml_str(str(pw))}\n"
+        )
+    return out
 
 
 def status_flags(m: dict, f: Files, observer: str) -> list[str]:
@@ -464,6 +530,17 @@ def _issue_client(f: Files, m: dict, ca_key, ca_cert, name: str, kind: str | Non
     _write(f.client(name, "toml", kind), toml, 0o644)
 
 
+def _issue_workers(f: Files, m: dict) -> None:
+    """The ingest workers' logins: one password (``ingest.password``) for the users ingest-0 .. ingest-<N-1>."""
+    n = m.get("workers", 0)
+    if not n:
+        return
+    password = secrets.token_urlsafe(PASSWORD_BYTES)
+    _write(f.ingest_password, password + "\n", 0o600)
+    for user in worker_users(n):
+        _set_password(f.passwd, user, password)
+
+
 def _check_names(kind: str, names: list[str], existing: dict[str, list[str]] | None = None) -> None:
     """New ``kind`` logins (agent ids or observer names) next to the ``existing`` ones by kind.
 
@@ -492,8 +569,8 @@ def _check_names(kind: str, names: list[str], existing: dict[str, list[str]] | N
             raise ProvisionError(f"{what}s {stems[s]!r} and {a!r} would share the files {s}.*; pick another {what}")
 
 
-def _check_agents(agents: list[str]) -> None:
-    _check_names("agent", agents)
+def _check_agents(agents: list[str], workers: int = 0) -> None:
+    _check_names("agent", agents, {"ingest worker": worker_users(workers)})
 
 
 def _load_ca(f: Files):
@@ -512,16 +589,21 @@ def _load_ca(f: Files):
 def init(directory: str | Path, federation: str, agents: list[str], broker_hosts: list[str] | None = None,
          port: int = DEFAULT_PORT, days: int = CERT_DAYS, ca_days: int = CA_DAYS, agent_dir: str | None = None,
          aggregator_dir: str | None = None, force: bool = False, observers: list[str] | None = None,
-         observer_dir: str | None = None) -> Files:
+         observer_dir: str | None = None, workers: int = 0) -> Files:
     """Provision a new federation into ``directory`` (see the module docstring).
 
     ``observers``: the read-only logins to create (default: one, ``observer``; ``[]``: none).
+    ``workers``: the ingest worker logins to create (``ingest-0`` …, one password, ``ingest.password``).
     """
     if not valid_id(federation):
         raise ProvisionError(f"federation id {federation!r} must match [A-Za-z0-9_-]{{1,64}}")
+    from .ingest_wire import MAX_WORKERS
+
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ProvisionError(f"--workers must be in 0..{MAX_WORKERS} ([workers] count), got {workers}")
     observers = [OBSERVER_USER] if observers is None else list(observers)
-    _check_agents(agents)
-    _check_names("observer", observers, {"agent": agents})
+    _check_agents(agents, workers)
+    _check_names("observer", observers, {"agent": agents, "ingest worker": worker_users(workers)})
     hosts = list(broker_hosts or DEFAULT_BROKER_HOSTS)
     for h in hosts:
         if not h or (not _is_ip(h) and any(c.isspace() or c in "/:@[]" for c in h)):
@@ -549,6 +631,7 @@ def init(directory: str | Path, federation: str, agents: list[str], broker_hosts
         "observer_dir": observer_dir or str(d),
         "agents": [],
         "observers": [],
+        "workers": workers,
     }
     ca_key, ca_cert = make_ca(federation, ca_days)
     _write(f.ca_key, _key_pem(ca_key), 0o600)
@@ -562,6 +645,7 @@ def init(directory: str | Path, federation: str, agents: list[str], broker_hosts
     m["signing_pub"] = signing_pub
     _write(f.passwd, "", 0o600)
     _issue_client(f, m, ca_key, ca_cert, AGGREGATOR_USER)
+    _issue_workers(f, m)
     for a in agents:
         _issue_client(f, m, ca_key, ca_cert, a)
     for o in observers:
@@ -587,6 +671,7 @@ def _remove_previous(f: Files) -> None:
         m = json.loads(f.manifest.read_text())
     except (OSError, ValueError):
         m = {}
+    f.ingest_password.unlink(missing_ok=True)  # the previous workers' logins are gone with its passwd
     for kind in ("agent", "observer"):
         for a in m.get(kind + "s", []):
             if isinstance(a, str) and valid_id(a) and a != AGGREGATOR_USER:
@@ -611,7 +696,8 @@ def _add(kind: str, directory: str | Path, names: list[str], force: bool) -> Fil
     f = Files(Path(directory).absolute())
     ca_key, ca_cert, m = _load_ca(f)
     m.setdefault("observers", [])  # a directory provisioned before observers existed
-    _check_names(kind, names, {"agent": m["agents"], "observer": m["observers"]})
+    _check_names(kind, names, {"agent": m["agents"], "observer": m["observers"],
+                               "ingest worker": worker_users(m.get("workers", 0))})
     users = {ln.split(":", 1)[0] for ln in _passwd_lines(f.passwd)}
     exists = [a for a in names if a in users or f.client(a, "crt", kind).exists()]
     if exists and not force:
@@ -632,12 +718,15 @@ def _add(kind: str, directory: str | Path, names: list[str], force: bool) -> Fil
 EXAMPLE = """examples:
   fedmqtt provision init --dir fedmqtt-pki --fed plant-7 --agents 3 --broker-host mqtt.example.com
   fedmqtt provision init --dir fedmqtt-pki --fed plant-7 --agent pi-kitchen --agent pi-garage
+  fedmqtt provision init --dir fedmqtt-pki --fed plant-7 --agents 3 --workers 4
   fedmqtt provision add-agent --dir fedmqtt-pki --agent pi-attic
   fedmqtt provision add-observer --dir fedmqtt-pki --observer dashboard
 
 Then install the broker's files (deploy/mosquitto/README.md) and hand each device
 ca.crt and its agent-<id>.* files. `init` also makes a read-only login, observer.*,
-for `fedmqtt status` (observer.toml holds the command line).
+for `fedmqtt status` (observer.toml holds the command line). With --workers N it
+makes the ingest worker logins ingest-0 .. ingest-<N-1> (password: ingest.password)
+and a [workers] section in aggregator.toml (deploy/scale.md, "Ingest workers").
 """
 
 
@@ -671,6 +760,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--no-observer", action="store_true", help="make no observer login")
     i.add_argument("--observer-dir", metavar="PATH",
                    help="where the observers' files will live: the paths in observer*.toml (default: --dir)")
+    i.add_argument("--workers", type=int, default=0, metavar="N",
+                   help=f"make N ingest worker logins, {WORKER_USER}-0 .. {WORKER_USER}-<N-1>, with one password "
+                        f"({WORKER_USER}.password), their ACL blocks and a [workers] section in aggregator.toml "
+                        "(default 0: none; deploy/scale.md \"Ingest workers\")")
     i.add_argument("--force", action="store_true", help="replace an existing CA and everything issued from it")
     a = sub.add_parser("add-agent", help="add agents to a provisioned federation (re-uses its CA)")
     a.add_argument("--dir", required=True, help="the directory `provision init` wrote")
@@ -697,11 +790,14 @@ def provision_main(argv: list[str]) -> int:
                 raise ProvisionError("--no-observer and --observer contradict each other")
             observers = [] if args.no_observer else (args.observer or None)
             f = init(args.dir, args.federation, agents, args.broker_host or None, args.port, args.days,
-                     args.ca_days, args.agent_dir, args.aggregator_dir, args.force, observers, args.observer_dir)
+                     args.ca_days, args.agent_dir, args.aggregator_dir, args.force, observers, args.observer_dir,
+                     args.workers)
             m = json.loads(f.manifest.read_text())
             print(f"provisioned federation {m['federation']!r} in {f.dir}: CA, broker "
                   f"({', '.join(m['broker_hosts'])}), aggregator, {len(agents)} agent(s), "
-                  f"{len(m['observers'])} observer(s)" + (f" ({', '.join(m['observers'])})" if m["observers"] else ""))
+                  f"{len(m['observers'])} observer(s)" + (f" ({', '.join(m['observers'])})" if m["observers"] else "")
+                  + (f", {m['workers']} ingest worker login(s) ({_worker_range(m['workers'])})"
+                     if m["workers"] else ""))
         else:
             names = args.agent if args.action == "add-agent" else args.observer
             add = add_agents if args.action == "add-agent" else add_observers

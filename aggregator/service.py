@@ -108,8 +108,13 @@ class AggregatorService:
         records = self.journal.load()
         # A fresh state takes a run id from the wall clock: a federation reset
         # later gets a larger one, which is how agents tell it from a replay.
-        self.coordinator = self.coordinator_class(config, make_strategy(config.strategy), evaluate, state, records,
-                                       run=run_id(clock()))
+        cls = self.coordinator_class
+        if config.workers.count:
+            # The updates are read by ingest workers (aggregator/ingest_worker.py); this process decides.
+            from .ingest_coordinator import IngestCoordinator
+
+            cls = IngestCoordinator
+        self.coordinator = cls(config, make_strategy(config.strategy), evaluate, state, records, run=run_id(clock()))
         b = config.broker
         if config.secagg.enabled and config.secagg.signed_keys and b.cert_file and b.ca_file:
             # A provisioned federation: devices sign their round keys with
@@ -208,6 +213,10 @@ class AggregatorService:
     # Handler protocol
     def subscriptions(self) -> list[str]:
         t = self.coordinator.topics
+        if self.config.workers.count:
+            # Single-packet updates go to the workers' shared subscription; chunked ones
+            # still come here (their chunks must be reassembled in one place).
+            return [t.statuses, t.all_update_chunks, *self.coordinator.ingest_topics.from_workers]
         return [t.statuses, t.updates, t.all_update_chunks]
 
     def on_too_large(self, conn: Connection, msg: Publish, size: int) -> None:
@@ -231,6 +240,10 @@ class AggregatorService:
 
     def on_connected(self, conn: Connection) -> None:
         c = self.coordinator
+        if self.config.workers.count:
+            # A persistent session of a run without workers still has update/+: every
+            # update would come here as well as to a worker.
+            conn.unsubscribe([c.topics.updates])
         if not self._started:
             self._started = True
             actions = c.start(self.clock())

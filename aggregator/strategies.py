@@ -181,6 +181,29 @@ class FedAvg(Strategy):
         self._total += w
         self.count += 1
 
+    def add_partial(self, mean: Mapping[str, np.ndarray], weight: float, count: int, clipped: int = 0) -> None:
+        """Fold in an ingest worker's share of the round: the mean of ``count`` updates whose weights sum to ``weight``.
+
+        The worker ran this class's own :meth:`add` (with the same ``weighted``
+        and ``clip_norm``) on each of its updates, so ``weight`` already is a
+        sum of FedAvg weights and is used as it is, never replaced by 1.
+        """
+        for k, acc in self._sum.items():
+            scratch = self._scratch[k]
+            np.copyto(scratch, mean[k])
+            scratch *= float(weight)
+            acc += scratch
+        self._total += float(weight)
+        self.count += int(count)
+        self.clipped += int(clipped)
+
+    def share(self) -> tuple[Params, float]:
+        """What an ingest worker sends for :meth:`add_partial`: (the mean delta as float32, the sum of weights)."""
+        if self.count == 0:
+            raise ValueError("no updates to aggregate")
+        with np.errstate(over="ignore", invalid="ignore"):
+            return {k: self._mean_delta(k).astype(np.float32) for k in self._sum}, self._total
+
     def _mean_delta(self, k: str) -> np.ndarray:
         """The round's (weighted) mean delta of parameter ``k``, float64."""
         return self._sum[k] / self._total
@@ -244,6 +267,10 @@ class _ServerOptimizer(FedAvg):
     def add(self, delta: Mapping[str, np.ndarray], weight: float, metrics: Mapping[str, float] | None = None) -> None:
         self._last = None
         super().add(delta, weight, metrics)
+
+    def add_partial(self, mean: Mapping[str, np.ndarray], weight: float, count: int, clipped: int = 0) -> None:
+        self._last = None
+        super().add_partial(mean, weight, count, clipped)
 
     def result(self, global_params: Mapping[str, np.ndarray]) -> Params:
         if self.count == 0:

@@ -11,10 +11,11 @@ import sys
 
 from edge_agent import __version__
 
-USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,dashboard,privacy,export,serve-onnx,provision} ...
+USAGE = """usage: fedmqtt {demo,aggregator,worker,agent,sim,status,dashboard,privacy,export,serve-onnx,provision} ...
 
   demo        run a whole federation on this machine (private broker, aggregator, 10 agents)
   aggregator  run the aggregator service (--config aggregator.toml)
+  worker      run one ingest worker of an aggregator with [workers] count > 0 (--index I)
   agent       run one edge agent (--config agent.toml)
   sim         run N simulated agents in one process against a broker
   status      show a federation's agents and last rounds from the broker's retained messages
@@ -27,7 +28,7 @@ USAGE = """usage: fedmqtt {demo,aggregator,agent,sim,status,dashboard,privacy,ex
 `fedmqtt COMMAND --help` for the options of each.
 """
 
-AGGREGATOR_COMMANDS = ("demo", "aggregator", "sim", "status", "dashboard", "privacy", "export", "serve-onnx",
+AGGREGATOR_COMMANDS = ("demo", "aggregator", "worker", "sim", "status", "dashboard", "privacy", "export", "serve-onnx",
                        "provision")
 
 

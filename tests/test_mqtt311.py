@@ -21,7 +21,6 @@ from aggregator.broker_probe import probe_anonymous_publish
 from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig
 from aggregator.datasets import federated_digits
 from aggregator.sim import Simulation
-from aggregator.broker_tier import check_shared_subscriptions
 from edge_agent.agent_config import AgentConfig
 from edge_agent.config import BrokerConfig, ConfigError, from_dict, load
 from edge_agent.mqtt import Connection, Loop, Publish
@@ -77,9 +76,9 @@ def test_pinned_keys_are_refused_on_3_1_1_with_a_clear_error():
 
 
 def test_shared_subscription_workers_are_refused_on_3_1_1():
-    check_shared_subscriptions(BrokerConfig())  # MQTT 5: fine
+    load(AggregatorConfig, None, {"workers.count": "2"})  # MQTT 5: fine
     with pytest.raises(ConfigError, match=r"broker.protocol: shared subscriptions .*NATS"):
-        check_shared_subscriptions(BrokerConfig(protocol="3.1.1"))
+        load(AggregatorConfig, None, {"workers.count": "2", "broker.protocol": "3.1.1"})
 
 
 # ---------------------------------------------------------------------------

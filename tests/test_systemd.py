@@ -377,8 +377,9 @@ def parse_unit(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def test_both_units_exist():
-    assert [u.name for u in UNITS] == ["fedmqtt-agent.service", "fedmqtt-aggregator.service"]
+def test_the_three_units_exist():
+    assert [u.name for u in UNITS] == ["fedmqtt-agent.service", "fedmqtt-aggregator.service",
+                                       "fedmqtt-worker@.service"]
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
@@ -402,28 +403,44 @@ def test_unit_execstart_is_accepted_by_the_real_command_line(unit, tmp_path):
     u = parse_unit(unit)
     [execstart] = u["Service.ExecStart"]
     binary, command, *args = execstart.split()
-    assert binary == INSTALLED_FEDMQTT and command in ("aggregator", "agent")
+    assert binary == INSTALLED_FEDMQTT and command in ("aggregator", "agent", "worker")
+    if command == "worker":
+        # The template's instance name is the worker's index; the rest is the aggregator's command line.
+        assert args[:2] == ["--index", "%i"]
+        args = args[2:]
     # Credentials used must be exactly those loaded (and each loaded one is used).
     used = set(re.findall(r"\$\{CREDENTIALS_DIRECTORY\}/([\w.-]+)", execstart))
     loaded = {v.split(":", 1)[0] for v in u["Service.LoadCredential"]}
     assert used == loaded and used
     assert all(v.split(":", 1)[1].startswith("/etc/fedmqtt/") for v in u["Service.LoadCredential"])
-    # StateDirectory= is what --state-dir gets.
-    assert "--state-dir" in args and args[args.index("--state-dir") + 1] == "${STATE_DIRECTORY}"
+    # StateDirectory= is what --state-dir (a worker: its journal's --workers-state-dir) gets.
+    state_flag = "--workers-state-dir" if command == "worker" else "--state-dir"
+    assert state_flag in args and args[args.index(state_flag) + 1] == "${STATE_DIRECTORY}"
     state, creds = tmp_path / "state", tmp_path / "creds"
     creds.mkdir()
     for name in used:
         (creds / name).write_text("secret\n")
-    example = ROOT / "deploy" / ("aggregator.toml" if command == "aggregator" else "agent.toml")
+    example = ROOT / "deploy" / ("agent.toml" if command == "agent" else "aggregator.toml")
     argv = [a.replace("${STATE_DIRECTORY}", str(state)).replace("${CREDENTIALS_DIRECTORY}", str(creds)) for a in args]
     argv[argv.index("--config") + 1] = str(example)
     # What the provisioned config adds (TLS with a client certificate), which the key file needs.
     argv += ["--broker-tls", "true", "--broker-cert-file", str(tmp_path / "client.crt")]
-    if command == "aggregator":
-        from aggregator.config import AggregatorConfig as cls
-    else:
+    if command == "worker":
+        # What a worker's config has besides: its login ([workers] username; the password is the credential).
+        argv += ["--workers-count", "2", "--workers-username", "ingest"]
+    if command == "agent":
         from edge_agent.agent_config import AgentConfig as cls
+    else:
+        from aggregator.config import AggregatorConfig as cls
     cfg = config_from_args(cls, f"fedmqtt {command}", "", "", argv)
+    if command == "worker":
+        from aggregator.ingest_worker import worker_broker, worker_state_dir
+
+        assert worker_state_dir(cfg, 1) == state / "worker-1"
+        assert worker_broker(cfg, 1).username == "ingest-1"
+        assert worker_broker(cfg, 1).password_file == str(creds / "ingest-password")
+        assert cfg.broker.key_file == str(creds / "client-key")
+        return
     assert cfg.state_dir == str(state)
     assert cfg.broker.password_file == str(creds / "broker-password")
     assert cfg.broker.key_file == str(creds / "client-key")
@@ -448,7 +465,8 @@ def _units_runnable_here(tmp_path: Path) -> list[str]:
     """Copies of the units whose ExecStart= names this venv's fedmqtt (verify checks the binary exists)."""
     out = []
     for unit in UNITS:
-        copy = tmp_path / unit.name  # same name: verify derives the unit name from it
+        # Same name (verify derives the unit name from it); a template as its instance 0.
+        copy = tmp_path / unit.name.replace("@.", "@0.")
         copy.write_text(unit.read_text().replace(INSTALLED_FEDMQTT, FEDMQTT))
         out.append(str(copy))
     return out
@@ -488,7 +506,7 @@ def test_systemd_analyze_security_rates_the_units_ok(tmp_path):
     if "--offline" in proc.stderr and "unrecognized" in proc.stderr:
         pytest.skip("systemd-analyze security --offline needs systemd >= 250")
     levels = re.findall(r"Overall exposure level for (\S+): ([\d.]+)", proc.stdout)
-    assert len(levels) == 2 and proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(levels) == len(UNITS) and proc.returncode == 0, proc.stdout + proc.stderr
     assert all(float(level) <= 2.0 for _, level in levels), levels
 
 
