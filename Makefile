@@ -26,6 +26,7 @@ bench: setup-dev
 	$(PY) bench/bench_flower.py
 	$(PY) bench/bench_scale.py --floor
 	timeout 900 $(PY) bench/bench_brokers.py
+	ulimit -v 16000000; timeout 900 $(PY) bench/bench_workers.py
 
 setup-demo:
 	@scripts/setup.sh $(VENV) aggregator,demo

@@ -65,6 +65,12 @@ WORKER_RECEIVE_MAXIMUM = 65535
 # copying, and the disk holds about the last two attempts. (Rewriting the
 # journal to the waiting updates instead copied a whole burst: 1.4 GB RSS
 # for 128 updates of 4 MB to one worker.)
+# Decoded updates kept in memory while they wait for their grant (their arrays
+# are views of the payload, so about the payload bytes). Beyond this a waiting
+# update is read back from the journal and decoded again when granted: a burst
+# costs disk reads, not unbounded memory; the usual wait (a claim's round
+# trip, about a millisecond) costs neither.
+MAX_PENDING_BYTES = 64 * 1024 * 1024
 SEGMENT_PREFIX = "journal-"
 SEGMENT_SUFFIX = ".bin"
 
@@ -93,6 +99,9 @@ class _Pending:
     segment: int  # its "held" record: journal segment and offset in it
     offset: int
     claim: bytes
+    # While within MAX_PENDING_BYTES: the payload and its decoded message (whose arrays are views of it).
+    payload: bytes | None = None
+    msg: wire.UpdateMsg | None = None
 
 
 class IngestWorker:
@@ -122,6 +131,7 @@ class IngestWorker:
         self.counted: list[str] = []
         self._counted_set: set[str] = set()
         self.pending: dict[str, _Pending] = {}
+        self._pending_bytes = 0  # of the decoded ones in memory
         self.rejected: Counter[str] = Counter()
         self._rejection_log = RejectionLog(log, "dropped")
         self._rate = TokenBuckets(config.security.rate_limit, config.security.rate_burst)
@@ -228,7 +238,10 @@ class IngestWorker:
         # Acknowledged at the end of this read pass, after the fsync that makes this durable.
         self.journal.append({"type": "held", "agent": agent, "payload": bytes(payload), "at": self.clock()},
                             sync=False)
-        self.pending[agent] = _Pending(segment, offset, claim)
+        p = self.pending[agent] = _Pending(segment, offset, claim)
+        if self._pending_bytes + len(payload) <= MAX_PENDING_BYTES:
+            p.payload, p.msg = bytes(payload), msg
+            self._pending_bytes += len(p.payload)
         conn.publish(Publish(self.ingest_topics.claim(self.index), claim, qos=1))
 
     def _on_control(self, payload: bytes) -> None:
@@ -272,21 +285,23 @@ class IngestWorker:
         p = self.pending.pop(g.agent, None)
         if p is None:
             return  # a repeated answer (the claim was sent again) of an update summed already
+        if p.payload is not None:
+            self._pending_bytes -= len(p.payload)
         key = (g.run, g.round, g.attempt)
         if not g.ok:
             return self._reject(g.reason or "refused", f"update from {g.agent}: refused by the coordinator")
         if self.attempt_key is not None and key[0] == self.attempt_key[0] and key < self.attempt_key:
             # (control messages arrive in order: only an earlier life of this worker could see this)
             return self._reject("wrong_round", f"update from {g.agent}: granted for {key}, summing {self.attempt_key}")
-        payload = self.segments[p.segment].read(p.offset)["payload"]
+        payload = p.payload if p.payload is not None else self.segments[p.segment].read(p.offset)["payload"]
         record = {"type": "granted", "run": g.run, "round": g.round, "attempt": g.attempt, "agent": g.agent}
         if key != self.attempt_key:
             self._begin(key)
-            record["payload"] = payload  # its "held" record may be gone with the old attempt's
+            record["payload"] = payload  # its "held" record may have gone with the old attempt's segment
         if g.agent in self._counted_set:
             return
         self.journal.append(record, sync=False)  # durable with the read pass's fsync, before its acks
-        self._fold(self._decode(payload))
+        self._fold(p.msg if p.msg is not None else self._decode(payload))
 
     def _decode(self, payload: bytes) -> wire.UpdateMsg:
         msg = wire.decode(payload, expect="update", fed=self.fed, spec=self.spec, max_bytes=self._max_update_bytes)
