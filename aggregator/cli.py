@@ -181,7 +181,7 @@ def aggregator_main(argv: list[str]) -> int:
     service.start()
     if cfg.workers.count and cfg.workers.spawn:
         # The ingest workers on this machine, with this command's config and flags (deploy/scale.md).
-        from .ingest_supervisor import WorkerSupervisor
+        from .ingest.supervisor import WorkerSupervisor
 
         WorkerSupervisor(loop, argv, cfg.workers.count).start()
     notify(f"STATUS={where}: connecting to the broker")
@@ -205,7 +205,7 @@ def _exit_status(command: str, fatal: str | None) -> int:
 
 def worker_main(argv: list[str]) -> int:
     """``fedmqtt worker --index I``: one ingest worker of ``[workers] count`` (same config as the aggregator)."""
-    from .ingest_worker import IngestWorker
+    from .ingest.worker import IngestWorker
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--index", type=int, default=None)

@@ -600,7 +600,7 @@ class WorkersConfig:
         "help": "the workers' password, read from this file (empty: [broker]'s password, with username empty too)"})
 
     def problems(self) -> list[tuple[str, str]]:
-        from .ingest_wire import MAX_WORKERS
+        from .ingest.wire import MAX_WORKERS
 
         out = []
         if not 0 <= self.count <= MAX_WORKERS:

@@ -597,7 +597,7 @@ def init(directory: str | Path, federation: str, agents: list[str], broker_hosts
     """
     if not valid_id(federation):
         raise ProvisionError(f"federation id {federation!r} must match [A-Za-z0-9_-]{{1,64}}")
-    from .ingest_wire import MAX_WORKERS
+    from .ingest.wire import MAX_WORKERS
 
     if not 0 <= workers <= MAX_WORKERS:
         raise ProvisionError(f"--workers must be in 0..{MAX_WORKERS} ([workers] count), got {workers}")

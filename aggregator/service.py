@@ -110,8 +110,8 @@ class AggregatorService:
         # later gets a larger one, which is how agents tell it from a replay.
         cls = self.coordinator_class
         if config.workers.count:
-            # The updates are read by ingest workers (aggregator/ingest_worker.py); this process decides.
-            from .ingest_coordinator import IngestCoordinator
+            # The updates are read by ingest workers (aggregator/ingest/worker.py); this process decides.
+            from .ingest.coordinator import IngestCoordinator
 
             cls = IngestCoordinator
         self.coordinator = cls(config, make_strategy(config.strategy), evaluate, state, records, run=run_id(clock()))

@@ -6,7 +6,7 @@ single-packet updates of a 1,000,010-parameter model (``[model] kind =
 float32, about 4 MB per update) with ``[workers] count = N, spawn = true``
 for N = 1, 2, 4 (the broker splits ``$share/<group>/fl/<fed>/update/+``
 between N ``fedmqtt worker`` processes, each decoding, checking, claiming,
-journaling and summing its share; aggregator/ingest_worker.py), against
+journaling and summing its share; aggregator/ingest/worker.py), against
 the flat aggregator (N = 0: it reads every update itself), the baseline,
 measured in the same run.
 
@@ -99,7 +99,7 @@ from _common import machine_line  # noqa: E402
 from _procs import TreeSampler, cmdline, fmt_mib, kill_tree  # noqa: E402
 from aggregator.broker import LocalBroker  # noqa: E402
 from aggregator import checkpoint  # noqa: E402
-from aggregator import ingest_wire as iw  # noqa: E402
+from aggregator.ingest import wire as iw  # noqa: E402
 from edge_agent import wire  # noqa: E402
 from edge_agent.spec import ModelSpec  # noqa: E402
 from edge_agent.topics import Topics  # noqa: E402

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import ingest_wire as iw
+from aggregator.ingest import wire as iw
 from aggregator.config import AggregatorConfig
-from aggregator.ingest_worker import IngestWorker, worker_broker
+from aggregator.ingest.worker import IngestWorker, worker_broker
 from aggregator.provision import (
     AGGREGATOR_USER,
     OBSERVER_USER,

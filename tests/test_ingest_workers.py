@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import ingest_wire as iw
+from aggregator.ingest import wire as iw
 from aggregator.config import AggregatorConfig, ModelConfig, RoundConfig, TrainingConfig, WorkersConfig
 from aggregator.coordinator import Coordinator, Journal, RoundAbandoned, RoundClosed
 from aggregator.datasets import federated_digits
-from aggregator.ingest_coordinator import IngestCoordinator, worker_status_id
-from aggregator.ingest_supervisor import WorkerSupervisor
-from aggregator.ingest_worker import IngestWorker
+from aggregator.ingest.coordinator import IngestCoordinator, worker_status_id
+from aggregator.ingest.supervisor import WorkerSupervisor
+from aggregator.ingest.worker import IngestWorker
 from aggregator.sim import Simulation
 from aggregator.strategies import FedAvg, make_strategy
 from edge_agent import wire
@@ -268,7 +268,7 @@ def test_a_restarted_worker_sums_its_granted_updates_again_and_claims_the_waitin
     def payload(agent: str, w: float) -> bytes:
         return wire.encode(wire.UpdateMsg(FED, 1, agent, "base", 10, _delta(w, 0.0)))
 
-    from aggregator.ingest_worker import worker_state_dir
+    from aggregator.ingest.worker import worker_state_dir
 
     j = JournalFile(worker_state_dir(cfg, 0), "journal-0.bin")
     for rec in ({"type": "held", "agent": "a0", "payload": payload("a0", 1.0)},

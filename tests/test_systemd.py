@@ -434,7 +434,7 @@ def test_unit_execstart_is_accepted_by_the_real_command_line(unit, tmp_path):
         from aggregator.config import AggregatorConfig as cls
     cfg = config_from_args(cls, f"fedmqtt {command}", "", "", argv)
     if command == "worker":
-        from aggregator.ingest_worker import worker_broker, worker_state_dir
+        from aggregator.ingest.worker import worker_broker, worker_state_dir
 
         assert worker_state_dir(cfg, 1) == state / "worker-1"
         assert worker_broker(cfg, 1).username == "ingest-1"

@@ -2,7 +2,7 @@
 
 With ``[workers] count = N`` the update stream is split by the broker
 between N worker processes (``$share/<group>/fl/<fed>/update/+``,
-:mod:`aggregator.ingest_worker`). Each decodes and checks its updates,
+:mod:`aggregator.ingest.worker`). Each decodes and checks its updates,
 which is the work that grows with the fleet; this coordinator keeps every
 decision that must be made in one place:
 
@@ -37,10 +37,10 @@ from typing import Any, Mapping
 from edge_agent import chunking, wire
 from edge_agent.mqtt import Publish
 
-from . import ingest_wire as iw
-from .config import AggregatorConfig
-from .coordinator import DEFAULT_RUN, Action, Coordinator, Evaluator, Journal
-from .strategies import FedAvg, Strategy
+from . import wire as iw
+from ..config import AggregatorConfig
+from ..coordinator import DEFAULT_RUN, Action, Coordinator, Evaluator, Journal
+from ..strategies import FedAvg, Strategy
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from edge_agent import wire
 from edge_agent.spec import ModelSpec
 from edge_agent.topics import Topics
 
-from .broker_tier import SHARE_PREFIX
+from ..broker_tier import SHARE_PREFIX
 
 Params = wire.Params
 

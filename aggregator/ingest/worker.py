@@ -5,7 +5,7 @@ For each update a worker does what grows with the fleet, the work a flat
 aggregator does in its one process: decode and check it (codec, model
 shape, identity, norm bound, rate limit), journal it and acknowledge it,
 then ask the coordinator whether it counts
-(:class:`~aggregator.ingest_wire.Claim`). Granted, it folds it into its
+(:class:`~aggregator.ingest.wire.Claim`). Granted, it folds it into its
 weighted sum (reading the payload back from its journal) and journals the
 grant. When the coordinator closes the round it answers with its partial:
 the weighted mean of its updates and the sum of their weights.
@@ -41,13 +41,13 @@ from edge_agent.mqtt import Connection, Loop, Publish
 from edge_agent.ratelog import RejectionLog
 from edge_agent.topics import Topics
 
-from . import ingest_wire as iw
-from .config import AggregatorConfig
-from .coordinator import norm_problem
-from .ingest_coordinator import worker_status_id
-from .journal import JournalFile
-from .ratelimit import TokenBuckets
-from .strategies import FedAvg
+from . import wire as iw
+from ..config import AggregatorConfig
+from ..coordinator import norm_problem
+from .coordinator import worker_status_id
+from ..journal import JournalFile
+from ..ratelimit import TokenBuckets
+from ..strategies import FedAvg
 
 log = logging.getLogger(__name__)
 
