@@ -356,8 +356,11 @@ def test_a_federation_survives_an_agent_kill_and_a_node_kill_on_a_nats_cluster(c
         story.watch_rounds(ra)  # in time: round 1 cannot close before its updates are trained (TRAIN_DELAY_S)
         first = _next_round(ra, "round 1", story, WAIT_S + ROUND_TIMEOUT_S)
         story.event(f"round 1 closed: {first.participants} updates")
-        assert first.round == 1 and first.participants == 6, (
-            f"round 1 should count all six agents (all subscribed before it opened): {first}\n{story.report()}")
+        # Five or six: NATS 2.9 may leave one subscriber without the model published while its
+        # subscription was new (seen in a fresh-clone CI run: agent-000 got the task and its notice,
+        # never the round-0 model, and missed round 1); it takes the next model, of round 1.
+        assert first.round == 1 and first.participants >= 5, (
+            f"round 1 should count at least five of the six subscribed agents: {first}\n{story.report()}")
 
         # Round 2 is open with the six. One of them vanishes without DISCONNECT before its update:
         # its will (retained "offline") is published by node 2 and reaches the aggregator on node 1.
