@@ -518,6 +518,16 @@ MAX_UPLOAD_MARGIN_S = 3600.0
 ROLES = ("flat", "site", "cloud")
 
 
+def _password_file_problems(section: str, username: str, password_file: str) -> list[tuple[str, str]]:
+    """The checks of a section's second login (``[site]``, ``[workers]``): its password file needs its user name."""
+    out = []
+    if password_file and not username:
+        out.append(("password_file", f"is the password of [{section}] username: set username too"))
+    if password_file and not Path(password_file).is_file():
+        out.append(("password_file", f"no such file: {password_file}"))
+    return out
+
+
 @dataclass
 class SiteConfig:
     """The site role (``role = "site"``, deploy/scale.md "Site hierarchy", docs/PROTOCOL.md §9).
@@ -551,10 +561,7 @@ class SiteConfig:
         if not self.upstream_prefix or not all(valid_id(p) for p in self.upstream_prefix.split("/")):
             out.append(("upstream_prefix", "must be one or more '/'-separated [A-Za-z0-9_-] segments, got "
                                            f"{self.upstream_prefix!r}"))
-        if self.password_file and not self.username:
-            out.append(("password_file", "is the password of [site] username: set username too"))
-        if self.password_file and not Path(self.password_file).is_file():
-            out.append(("password_file", f"no such file: {self.password_file}"))
+        out += _password_file_problems("site", self.username, self.password_file)
         if not 0.0 <= self.upload_margin <= MAX_UPLOAD_MARGIN_S:
             out.append(("upload_margin", f"must be in [0, {MAX_UPLOAD_MARGIN_S:g}] seconds, got {self.upload_margin}"))
         return out
@@ -615,13 +622,9 @@ class WorkersConfig:
         if self.username and not valid_id(self.username):
             out.append(("username", f"must match [A-Za-z0-9_-]{{1,64}} (worker I logs in as <username>-I), "
                                     f"got {self.username!r}"))
-        if self.password_file and not self.username:
-            out.append(("password_file", "is the password of [workers] username: set username too"))
         if self.username and not self.password_file:
             out.append(("username", "the workers' logins need their password: set [workers] password_file too"))
-        if self.password_file and not Path(self.password_file).is_file():
-            out.append(("password_file", f"no such file: {self.password_file}"))
-        return out
+        return out + _password_file_problems("workers", self.username, self.password_file)
 
 
 def _workers_problems(cfg: "AggregatorConfig") -> list[tuple[str, str]]:
@@ -634,9 +637,9 @@ def _workers_problems(cfg: "AggregatorConfig") -> list[tuple[str, str]]:
     problem = shared_subscription_problem(cfg.broker)
     if problem:
         out.append(("broker.protocol", problem))
-    why = "each worker sends one weighted mean of its share, so the rule must be a weighted mean (FedAvg, its "
     if cfg.strategy.name in ROBUST_NAMES:
-        out.append(("strategy.name", f"{cfg.strategy.name!r} needs every update in one place; {why}server "
+        out.append(("strategy.name", f"{cfg.strategy.name!r} needs every update in one place; each worker sends "
+                    "one weighted mean of its share, so the rule must be a weighted mean (FedAvg, its server "
                     "optimizers); run robust rules without workers"))
     if cfg.privacy.enabled:
         out.append(("privacy.mode", "differential privacy is not available with ingest workers (the accountant's "

@@ -167,12 +167,11 @@ class SiteMean(FedAvg):
             raise ValueError("no updates to aggregate")
         assert self.closing is not None
         rnd, base, metrics = self.closing
-        with np.errstate(over="ignore", invalid="ignore"):
-            delta = {k: self._mean_delta(k).astype(np.float32) for k in global_params}
+        delta, weight = self.share()
         if not all(np.isfinite(v).all() for v in delta.values()):
             # The coordinator refuses a non-finite result and abandons the round: say it with NaN.
             return {k: np.full(v.shape, np.nan, dtype=np.float32) for k, v in global_params.items()}
-        self.partial = PartialAggregate(rnd, base, int(round(self._total)), self.count, delta, metrics)
+        self.partial = PartialAggregate(rnd, base, int(round(weight)), self.count, delta, metrics)
         return {k: np.array(v, dtype=np.float32) for k, v in global_params.items()}
 
     def state_dict(self) -> dict[str, Any]:

@@ -168,18 +168,24 @@ class FedAvg(Strategy):
                 scratch *= w * factor
                 acc += scratch
         else:
-            for k, acc in self._sum.items():
-                # Widen into a preallocated float64 buffer, scale, add: no
-                # allocation per update whatever the model size, and the product
-                # is formed in float64 (multiplying the float32 delta directly
-                # would round, or overflow, in float32). copyto + in-place ops
-                # run at the speed of a plain numpy.add (bench/bench_ingest.py).
-                scratch = self._scratch[k]
-                np.copyto(scratch, delta[k])
-                scratch *= w
-                acc += scratch
+            self._accumulate(delta, w)
         self._total += w
         self.count += 1
+
+    def _accumulate(self, values: Mapping[str, np.ndarray], w: float) -> None:
+        """Add ``w`` × ``values`` to the float64 sum.
+
+        Widen into a preallocated float64 buffer, scale, add: no allocation
+        per call whatever the model size, and the product is formed in
+        float64 (multiplying a float32 delta directly would round, or
+        overflow, in float32). copyto + in-place ops run at the speed of a
+        plain numpy.add (bench/bench_ingest.py).
+        """
+        for k, acc in self._sum.items():
+            scratch = self._scratch[k]
+            np.copyto(scratch, values[k])
+            scratch *= w
+            acc += scratch
 
     def add_partial(self, mean: Mapping[str, np.ndarray], weight: float, count: int, clipped: int = 0) -> None:
         """Fold in an ingest worker's share of the round: the mean of ``count`` updates whose weights sum to ``weight``.
@@ -188,11 +194,7 @@ class FedAvg(Strategy):
         and ``clip_norm``) on each of its updates, so ``weight`` already is a
         sum of FedAvg weights and is used as it is, never replaced by 1.
         """
-        for k, acc in self._sum.items():
-            scratch = self._scratch[k]
-            np.copyto(scratch, mean[k])
-            scratch *= float(weight)
-            acc += scratch
+        self._accumulate(mean, float(weight))
         self._total += float(weight)
         self.count += int(count)
         self.clipped += int(clipped)

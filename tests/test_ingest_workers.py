@@ -288,10 +288,10 @@ def test_a_restarted_worker_sums_its_granted_updates_again_and_claims_the_waitin
     assert iw.decode(w.pending["a2"].claim, expect="ingest_claim", fed=FED).agent == "a2"
     # A grant of the next attempt starts a new segment and deletes the old one: a2 is granted in it.
     w._on_grant(iw.Grant(FED, 1, 2, "a2", True, "", 7))
-    assert (w.counted, w.attempt_key, list(w.segments)) == (["a2"], (7, 1, 2), [1])
+    assert (list(w.counted), w.attempt_key, list(w.segments)) == (["a2"], (7, 1, 2), [1])
     w.flush()
     w2 = IngestWorker(cfg, 0, Loop())
-    assert (w2.counted, list(w2.pending), w2.attempt_key) == (["a2"], [], (7, 1, 2))
+    assert (list(w2.counted), list(w2.pending), w2.attempt_key) == (["a2"], [], (7, 1, 2))
     assert sorted(p.name for p in worker_state_dir(cfg, 0).iterdir()) == ["journal-1.bin"]
 
 

@@ -31,10 +31,11 @@ shared subscription would spread them over the workers.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from edge_agent import chunking, wire
+from edge_agent import wire
 from edge_agent.mqtt import Publish
 
 from . import wire as iw
@@ -102,7 +103,6 @@ class IngestCoordinator(Coordinator):
         # The open attempt's worker-counted updates: agent -> who holds it (and its metrics).
         self.granted: dict[str, _Grant] = {}
         self.collecting: _Collecting | None = None
-        self._max_partial_bytes = max(wire.MAX_PAYLOAD_BYTES, chunking.payload_bound(self.spec.num_params()))
         # Each worker's own drop counters (cumulative), as last reported with a partial.
         self.worker_rejected: dict[int, dict[str, int]] = {}
 
@@ -176,21 +176,26 @@ class IngestCoordinator(Coordinator):
         assert o is not None
         if self.collecting is not None:
             return []
-        waiting = {g.worker for g in self.granted.values()}
-        if not waiting:
+        if not self.granted:
             return super()._close(now)
-        self.collecting = _Collecting(started=now, until=now + self.config.workers.collect_timeout, waiting=waiting)
+        self._start_collecting(now)
         log.info("round %d attempt %d closing: asking %d worker(s) for their partial sums", o.round, o.attempt,
-                 len(waiting))
+                 len(self.collecting.waiting))
         return [Journal({"type": "collect", "round": o.round, "attempt": o.attempt, "at": now}),
                 *self._ask_partials(now)]
 
+    def _start_collecting(self, now: float) -> None:
+        """Wait for the partials of every worker holding a grant, at most ``[workers] collect_timeout``."""
+        self.collecting = _Collecting(started=now, until=now + self.config.workers.collect_timeout,
+                                      waiting={g.worker for g in self.granted.values()})
+
+    def _held_by(self, worker: int) -> int:
+        """How many of the open attempt's grants ``worker`` holds."""
+        return sum(1 for g in self.granted.values() if g.worker == worker)
+
     def _metrics_msg(self, s):
         msg = super()._metrics_msg(s)
-        totals: dict[str, int] = {}
-        for counts in self.worker_rejected.values():
-            for reason, n in counts.items():
-                totals[reason] = totals.get(reason, 0) + n
+        totals = sum((Counter(counts) for counts in self.worker_rejected.values()), Counter())
         for reason, n in totals.items():
             key = f"rejected_{reason}"
             msg.metrics[key] = msg.metrics.get(key, 0.0) + float(n)
@@ -210,8 +215,7 @@ class IngestCoordinator(Coordinator):
                 self.granted[agent] = _Grant(int(rec["worker"]), int(rec["num_samples"]), dict(rec["metrics"]))
                 self.accepted += 1
             elif rec.get("type") == "collect" and self.granted:
-                self.collecting = _Collecting(started=now, until=now + self.config.workers.collect_timeout,
-                                              waiting={g.worker for g in self.granted.values()})
+                self._start_collecting(now)
         if self.granted:
             log.info("resumed round %d attempt %d: %d updates counted by workers%s", o.round, o.attempt,
                      len(self.granted), ", collecting their partials" if self.collecting else "")
@@ -237,7 +241,7 @@ class IngestCoordinator(Coordinator):
                 return self._ask_partials(now, only=worker)  # restarted while we wait for it
             return self._maybe_open(now)
         if worker in self.workers_online:
-            held = sum(1 for g in self.granted.values() if g.worker == worker)
+            held = self._held_by(worker)
             log.warning("ingest worker %d is offline%s", worker,
                         f" holding {held} updates of the open round" if held else "")
         self.workers_online.discard(worker)
@@ -303,14 +307,14 @@ class IngestCoordinator(Coordinator):
     def _on_partial(self, worker: int, payload: bytes, now: float) -> list[Action]:
         try:
             p = iw.decode(payload, expect="ingest_partial", fed=self.config.federation, spec=self.spec,
-                          max_bytes=self._max_partial_bytes)
+                          max_bytes=self._max_update_bytes)  # a partial is one model-sized delta, like an update
         except wire.WireError as exc:
             return self._reject(exc.reason, f"partial from worker {worker}: {exc.detail}")
         assert isinstance(p, iw.Partial)
-        self.worker_rejected[worker] = dict(p.rejected)
-        c, o = self.collecting, self.open
         if p.worker != worker:
             return self._reject("identity_mismatch", f"partial on worker {worker}'s topic names worker {p.worker}")
+        self.worker_rejected[worker] = dict(p.rejected)
+        c, o = self.collecting, self.open
         if c is None or o is None or (p.round, p.attempt) != (o.round, o.attempt) or worker not in c.waiting:
             return []  # an answer to a collect already served (asked twice), or of an attempt gone: nothing to do
         if worker in c.partials and len(p.agents) <= len(c.partials[worker].agents):
@@ -320,7 +324,7 @@ class IngestCoordinator(Coordinator):
             return self._reject("partial_mismatch", f"partial from worker {worker} sums updates it was not "
                                                     f"granted: {', '.join(sorted(foreign)[:5])}")
         c.partials[worker] = p
-        if len(p.agents) < sum(1 for g in self.granted.values() if g.worker == worker):
+        if len(p.agents) < self._held_by(worker):
             # A grant it has not seen yet (lost, or still on its way): keep asking until the
             # partial holds them all or collect_timeout passes (then this one is used).
             return []

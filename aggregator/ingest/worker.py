@@ -128,8 +128,8 @@ class IngestWorker:
         # (run, round, attempt) the sum and the journal are of: a reset federation (a new
         # run id) restarts round numbers, and its round 1 is not the old run's.
         self.attempt_key: tuple[int, int, int] | None = None
-        self.counted: list[str] = []
-        self._counted_set: set[str] = set()
+        # The agents summed in that attempt, in the order they were (a dict: ordered, and O(1) to ask).
+        self.counted: dict[str, None] = {}
         self.pending: dict[str, _Pending] = {}
         self._pending_bytes = 0  # of the decoded ones in memory
         self.rejected: Counter[str] = Counter()
@@ -140,13 +140,12 @@ class IngestWorker:
         self.journal_dir = worker_state_dir(config, index)
         self.segments: dict[int, JournalFile] = {}
         self._replay()
-        status = self._status("online")
+        self._online = self._status("online")
         self.conn = Connection(
             loop, worker_broker(config, index), client_id=f"fedmqtt-ingest-{self.fed}-{index}", handler=self,
             will=self._status("offline"), clean_start=False, session_expiry_s=config.workers.session_expiry,
             manual_ack=True, receive_maximum=WORKER_RECEIVE_MAXIMUM,
         )
-        self._online = status
 
     def _status(self, state: str) -> Publish:
         msg = wire.StatusMsg(fed=self.fed, round=0, agent=worker_status_id(self.index), state=state,
@@ -221,10 +220,9 @@ class IngestWorker:
         if not self._rate.allow(agent, self.clock()):
             return self._reject("rate_limited", f"update from {agent}: more than the agent's message rate")
         try:
-            msg = wire.decode(payload, expect="update", fed=self.fed, spec=self.spec, max_bytes=self._max_update_bytes)
+            msg = self._decode(payload)
         except wire.WireError as exc:
             return self._reject(exc.reason, f"update from {agent}: {exc.detail}")
-        assert isinstance(msg, wire.UpdateMsg)
         if msg.agent != agent:
             return self._reject("identity_mismatch", f"update on {agent}'s topic names {msg.agent}")
         if agent in self.pending:
@@ -269,17 +267,20 @@ class IngestWorker:
         """
         self.attempt_key = key
         self.sum.begin(self._zeros)
-        self.counted, self._counted_set = [], set()
+        self.counted = {}
         self._new_segment()
 
     def _new_segment(self) -> None:
         n = max(self.segments, default=-1) + 1
-        self.segments[n] = JournalFile(self.journal_dir, f"{SEGMENT_PREFIX}{n}{SEGMENT_SUFFIX}")
+        self.segments[n] = self._segment(n)
         needed = {p.segment for p in self.pending.values()} | {n}
         for old in [k for k in self.segments if k not in needed]:
             j = self.segments.pop(old)
             j.close()
             j.path.unlink(missing_ok=True)
+
+    def _segment(self, n: int) -> JournalFile:
+        return JournalFile(self.journal_dir, f"{SEGMENT_PREFIX}{n}{SEGMENT_SUFFIX}")
 
     def _on_grant(self, g: iw.Grant) -> None:
         p = self.pending.pop(g.agent, None)
@@ -298,7 +299,7 @@ class IngestWorker:
         if key != self.attempt_key:
             self._begin(key)
             record["payload"] = payload  # its "held" record may have gone with the old attempt's segment
-        if g.agent in self._counted_set:
+        if g.agent in self.counted:
             return
         self.journal.append(record, sync=False)  # durable with the read pass's fsync, before its acks
         self._fold(p.msg if p.msg is not None else self._decode(payload))
@@ -310,8 +311,7 @@ class IngestWorker:
 
     def _fold(self, msg: wire.UpdateMsg) -> None:
         self.sum.add(msg.delta, float(msg.num_samples))
-        self.counted.append(msg.agent)
-        self._counted_set.add(msg.agent)
+        self.counted[msg.agent] = None
 
     def _on_collect(self, c: iw.Collect) -> None:
         if (c.run, c.round, c.attempt) != self.attempt_key or not self.counted:
@@ -325,13 +325,13 @@ class IngestWorker:
 
     def _replay(self) -> None:
         """After a restart: fold the granted updates of the journal's last attempt, claim the others again."""
-        found = sorted(int(f.name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)])
-                       for f in self.journal_dir.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")
-                       if f.name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)].isdigit())
+        numbers = (f.name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)]
+                   for f in self.journal_dir.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"))
+        found = sorted(int(n) for n in numbers if n.isdigit())
         held: dict[str, tuple[int, int, bytes]] = {}  # agent -> (segment, offset, payload)
         granted: dict[str, bytes] = {}
         for n in found:
-            self.segments[n] = j = JournalFile(self.journal_dir, f"{SEGMENT_PREFIX}{n}{SEGMENT_SUFFIX}")
+            self.segments[n] = j = self._segment(n)
             for offset, rec in j.load_with_offsets():
                 agent = rec.get("agent")
                 if rec.get("type") == "held":
